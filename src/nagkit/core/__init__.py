@@ -1,0 +1,7 @@
+"""Core math and settings: the NAG operator, its configuration and presets, the shared runtime state."""
+
+from .config import PRESETS, NAGConfig, get_preset
+from .operator import nag, nag_combine, validate_params
+from .state import NAGState
+
+__all__ = ["PRESETS", "NAGConfig", "NAGState", "get_preset", "nag", "nag_combine", "validate_params"]

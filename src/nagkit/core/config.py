@@ -1,0 +1,92 @@
+"""NAG settings (one dataclass) and the per-family presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from .operator import NORMS, validate_params
+
+
+@dataclass(frozen=True)
+class NAGConfig:
+    """Everything that shapes the guidance, validated on construction.
+
+    Args:
+        scale: ``nag_scale`` = paper φ + 1 (``≤ 1`` switches NAG off). Paper Table 5: Flux/SD3.5 φ=4 → 5, SDXL φ=2 → 3.
+        tau: cap τ on the per-token norm ratio ``‖Z~‖/‖Z+‖``.
+        alpha: blend α between the capped guidance and ``Z+``.
+        start: schedule position where NAG switches on (0 = first step).
+        end: schedule position where NAG switches off (1 = last step). The position of a denoiser call is
+            ``u = 1 − t/T`` with ``t`` its timestep and ``T`` the training horizon (1000), so ``end`` is exactly the
+            official diffusers ``nag_end`` (NAG on while ``t ≥ (1 − nag_end)·1000``) and, for flow-matching models
+            whose sigma is ``t/1000``, ComfyUI's ``nag_sigma_end`` is ``1 − end``.
+        norm: ``"l1"`` (paper) or ``"l2"``.
+    """
+
+    scale: float = 5.0
+    tau: float = 2.5
+    alpha: float = 0.25
+    start: float = 0.0
+    end: float = 1.0
+    norm: str = "l1"
+
+    def __post_init__(self) -> None:
+        for name in ("scale", "tau", "alpha", "start", "end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+            if math.isnan(value):
+                raise ValueError(f"{name} must not be NaN")
+        validate_params(self.scale, self.tau, self.alpha)
+        if not 0.0 <= self.start <= 1.0:
+            raise ValueError(f"start must be in [0, 1] (fraction of the denoising schedule), got {self.start}")
+        if not 0.0 <= self.end <= 1.0:
+            raise ValueError(f"end must be in [0, 1] (fraction of the denoising schedule), got {self.end}")
+        if self.start > self.end:
+            raise ValueError(f"start must be <= end, got start={self.start}, end={self.end}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+
+    @property
+    def is_off(self) -> bool:
+        """True when the settings make NAG an exact identity (``scale ≤ 1`` or ``alpha == 0``)."""
+        return self.scale <= 1 or self.alpha == 0
+
+    def active_at(self, position: float) -> bool:
+        """Whether a denoiser call at schedule position ``position`` (0 = start, 1 = end) is guided."""
+        return self.start <= position <= self.end
+
+    def with_updates(self, **changes: float | str | None) -> NAGConfig:
+        """A copy with the given non-None fields replaced (and validated)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        """Plain dict, e.g. for JSON sidecars."""
+        return asdict(self)
+
+
+#: Defaults per model family, from the official code and the paper (see docs in README "Parameter guide").
+#: ``scale`` is ``nag_scale`` (= paper φ + 1).
+PRESETS: dict[str, NAGConfig] = {
+    # Official SDXL pipeline: alpha 0.5; README DMD2 example nag_scale 3 (paper φ=2).
+    "sdxl": NAGConfig(scale=3.0, tau=2.5, alpha=0.5),
+    # No official diffusers SD1.5 code; paper/UNet family φ=2, α=0.5 (as SDXL).
+    "sd15": NAGConfig(scale=3.0, tau=2.5, alpha=0.5),
+    # Official Wan pipeline: alpha 0.25; README: nag_scale 9 with CFG 5 (25 steps).
+    "wan": NAGConfig(scale=9.0, tau=2.5, alpha=0.25),
+    # Wan + CausVid (4 steps, no CFG): official demo / ComfyUI "Wan-Fast" workflow.
+    "wan-causvid": NAGConfig(scale=11.0, tau=3.5, alpha=0.5),
+    # Paper Table 5, SANA: φ=4, α=0.375 (pladis-vla transcription; another transcription says φ=2, α=0.5).
+    "sana": NAGConfig(scale=5.0, tau=2.5, alpha=0.375),
+    # No official PixArt code; same DiT-with-T5-cross-attention setting as SANA.
+    "pixart": NAGConfig(scale=5.0, tau=2.5, alpha=0.375),
+}
+
+
+def get_preset(name: str) -> NAGConfig:
+    """Return the preset ``name``; raise ``KeyError`` listing the known presets."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None

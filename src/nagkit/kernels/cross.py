@@ -1,0 +1,89 @@
+"""Cross-attention with NAG: one query, keys/values packed as ``[positive text | negative text]``.
+
+The model carries the negative text as extra tokens after the positive ones (sequence packing, so every per-token
+text layer — caption projections, norms — runs unchanged). Here the packed keys/values are split again:
+
+* ``Z+ = attend(Q, K+, V+)`` for every row of the batch (exactly what the unguided model computes);
+* ``Z- = attend(Q[rows], K-, V-)`` only for the guided rows (the conditional branch under batched CFG);
+* the guided rows get ``nag(Z+, Z-)``; the others keep ``Z+`` untouched.
+
+``attend`` is the family's own attention call (same kernel/backend as the original processor) and returns merged
+heads ``(B, Lq, H·D)``, so the NAG norm runs over the whole feature dim as in the official code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..core.operator import nag_combine
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where the negative text sits in a packed text sequence, and which batch rows are guided.
+
+    Attributes:
+        lp: number of positive text tokens (first in the sequence).
+        ln: number of negative text tokens (right after the positive ones).
+        rows: the guided rows of the batch, a contiguous slice.
+        batch: total rows in the batch.
+    """
+
+    lp: int
+    ln: int
+    rows: slice
+    batch: int
+
+    @property
+    def all_rows(self) -> bool:
+        return self.rows.start == 0 and self.rows.stop == self.batch
+
+
+def _rows(x: torch.Tensor | None, packing: Packing) -> torch.Tensor | None:
+    if x is None or packing.all_rows or x.shape[0] == 1:
+        return x
+    return x[packing.rows]
+
+
+def split_text(x: torch.Tensor | None, packing: Packing, dim: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Split a packed text tensor (keys, values or an attention bias) into its positive and negative parts."""
+    if x is None:
+        return None, None
+    dim = dim % x.ndim
+    if x.shape[dim] != packing.lp + packing.ln:
+        raise RuntimeError(f"packed text length {x.shape[dim]} != {packing.lp} + {packing.ln}: the text reaching the "
+                           "attention is not the packed sequence nagkit built")
+    return x.narrow(dim, 0, packing.lp), x.narrow(dim, packing.lp, packing.ln)
+
+
+def nag_cross_attention(attend: Attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        mask: torch.Tensor | None, packing: Packing, scale: float, tau: float, alpha: float,
+                        norm: str = "l1", seq_dim: int = -2) -> torch.Tensor:
+    """Attention with NAG for a cross-attention layer.
+
+    Args:
+        attend: ``attend(q, k, v, mask) -> (B, Lq, C)``, the family's attention with heads merged.
+        query: image-token queries, batch first.
+        key, value: packed text keys/values, the text sequence along ``seq_dim``.
+        mask: attention bias/mask whose last dim is the packed text length, or None.
+        packing: the layout (see :class:`Packing`).
+        scale, tau, alpha, norm: NAG parameters (already validated).
+        seq_dim: the text sequence dim of ``key``/``value`` (``-2`` for ``(B, H, L, D)``, ``1`` for ``(B, L, H, D)``).
+
+    Returns:
+        ``(B, Lq, C)``: ``Z+`` on unguided rows, ``nag(Z+, Z-)`` on guided rows.
+    """
+    k_pos, k_neg = split_text(key, packing, seq_dim)
+    v_pos, v_neg = split_text(value, packing, seq_dim)
+    m_pos, m_neg = split_text(mask, packing, -1)
+    z_pos = attend(query, k_pos, v_pos, m_pos)
+    z_neg = attend(_rows(query, packing), _rows(k_neg, packing), _rows(v_neg, packing), _rows(m_neg, packing))
+    guided = nag_combine(_rows(z_pos, packing), z_neg, scale, tau, alpha, norm)
+    if packing.all_rows:
+        return guided
+    return torch.cat([z_pos[: packing.rows.start], guided, z_pos[packing.rows.stop:]], dim=0)
