@@ -14,8 +14,9 @@ number, so:
 * ``‖Z~‖ = 0`` (then ``Z~ = 0``): the result is ``α·0 + (1−α)·Z+``;
 * ``‖Z+‖ = 0`` but ``‖Z~‖ > 0``: ``f = 0`` — the guided term is capped to ``τ·0 = 0``, which keeps the bound
   ``‖Ẑ‖ ≤ τ‖Z+‖`` exact; the result is ``(1−α)·Z+`` (= 0 here);
-* nothing produces NaN or Inf from finite inputs. Norms, the ratio and the blend run in fp32; the result is cast
-  back to the input dtype (fp16/bf16 inputs cannot overflow in the extrapolation).
+* nothing produces NaN or Inf from finite inputs. Norms, the ratio and the blend run in fp32 on each token divided
+  by a power of two near its largest entry (exact, and overflow-free even for bf16 values near the fp32 limit); the
+  result is cast back to the input dtype, saturating at its largest finite value.
 """
 
 from __future__ import annotations
@@ -79,13 +80,21 @@ def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: Number, tau: Nu
     Returns:
         The guided output, same shape and dtype as ``z_pos``.
     """
-    p = z_pos.float()
-    g = p * scale - z_neg.float() * (scale - 1)
+    p, n = z_pos.float(), z_neg.float()
+    # NAG is homogeneous: nag(c·Z+, c·Z-) = c·nag(Z+, Z-). Working on each token divided by a power of two near its
+    # largest entry keeps every intermediate (s·Z+, the norms) far from overflow, and the power-of-two scaling is exact.
+    peak = torch.maximum(p.abs().amax(-1, keepdim=True), n.abs().amax(-1, keepdim=True)).clamp_min(_TINY)
+    unit = torch.exp2(torch.floor(torch.log2(peak)))
+    p, n = p / unit, n / unit
+    g = p * scale - n * (scale - 1)
     order = 1 if norm == "l1" else 2
     n_pos = torch.linalg.vector_norm(p, ord=order, dim=-1, keepdim=True)
     n_g = torch.linalg.vector_norm(g, ord=order, dim=-1, keepdim=True)
     factor = (tau * n_pos / n_g.clamp_min(_TINY)).clamp(max=1.0)
-    out = p + alpha * (g * factor - p)
+    out = (p + alpha * (g * factor - p)) * unit
+    if z_pos.dtype != torch.float32:  # saturate instead of overflowing a narrower dtype
+        big = torch.finfo(z_pos.dtype).max
+        out = out.clamp(-big, big)
     return out.to(z_pos.dtype)
 
 

@@ -120,11 +120,12 @@ def uninstall_hook(module: torch.nn.Module, record: dict[str, Any]) -> None:
     registry = getattr(module, "_diffusers_hook", None)
     if registry is not None:
         registry.remove_hook(HOOK_NAME, recurse=False)
-        if record["created_registry"] and not registry.hooks:
-            del module._diffusers_hook
+        if not registry.hooks:  # ours was the only hook: put ``forward`` back exactly as it was
             if record["had_forward"]:
                 module.forward = record["forward"]
             else:
                 module.__dict__.pop("forward", None)
+            if record["created_registry"]:
+                del module._diffusers_hook
     if offload is not None:
         add_hook_to_module(module, offload)

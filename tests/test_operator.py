@@ -1,0 +1,175 @@
+"""The NAG operator: identities, the reference formula, the tau bound, numerics, validation, compile."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nagkit import NAGConfig, get_preset, nag
+from nagkit.core.operator import nag_combine
+
+
+def reference_nag(z_pos, z_neg, scale, tau, alpha, p=1):
+    """The paper's formula, literally, in float64."""
+    zp, zn = z_pos.double(), z_neg.double()
+    zg = zp * scale - zn * (scale - 1)
+    r = zg.norm(p=p, dim=-1, keepdim=True) / zp.norm(p=p, dim=-1, keepdim=True)
+    zhat = zg * torch.minimum(r, torch.tensor(float(tau), dtype=torch.float64)) / r
+    return alpha * zhat + (1 - alpha) * zp
+
+
+def pair(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype), torch.randn(*shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("norm,p", [("l1", 1), ("l2", 2)])
+@pytest.mark.parametrize("scale,tau,alpha", [(5.0, 2.5, 0.25), (3.0, 1.2, 0.5), (11.0, 3.5, 1.0), (1.5, 10.0, 0.7)])
+def test_matches_reference_formula(scale, tau, alpha, norm, p):
+    zp, zn = pair(2, 9, 32)
+    out = nag(zp, zn, scale, tau, alpha, norm=norm)
+    torch.testing.assert_close(out.double(), reference_nag(zp, zn, scale, tau, alpha, p), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale,alpha", [(1.0, 0.5), (0.5, 0.5), (0.0, 0.3), (5.0, 0.0)])
+def test_off_settings_return_z_pos_exactly(scale, alpha):
+    zp, zn = pair(3, 4, 16)
+    assert nag(zp, zn, scale, 2.5, alpha) is zp
+    out = nag(zp, zn, torch.tensor(scale), torch.tensor(2.5), torch.tensor(alpha))
+    assert torch.equal(out, zp)
+
+
+def test_tensor_parameters_equal_float_parameters():
+    zp, zn = pair(2, 5, 24)
+    a = nag(zp, zn, 4.0, 2.0, 0.3)
+    b = nag(zp, zn, torch.tensor(4.0), torch.tensor(2.0), torch.tensor(0.3))
+    torch.testing.assert_close(a, b)
+
+
+def test_negative_equal_to_prompt_is_identity():
+    zp, _ = pair(2, 6, 16)
+    torch.testing.assert_close(nag(zp, zp.clone(), 7.0, 2.5, 0.5), zp, atol=1e-6, rtol=1e-6)
+
+
+def test_tau_bound_holds():
+    zp, zn = pair(4, 64, 48, seed=3)
+    zn = zn * 10
+    tau = 1.7
+    out = nag(zp, zn, 9.0, tau, 1.0)  # alpha=1: out is the capped term itself
+    bound = tau * zp.abs().sum(-1)
+    assert (out.abs().sum(-1) <= bound * (1 + 1e-5)).all()
+    assert (out.abs().sum(-1) >= bound * (1 - 1e-4)).any()  # the cap is actually hit
+
+
+def test_zero_and_tiny_norms_give_no_nan():
+    zp = torch.zeros(2, 3, 8)
+    zn = torch.randn(2, 3, 8)
+    out = nag(zp, zn, 5.0, 2.5, 0.5)
+    assert torch.isfinite(out).all() and torch.equal(out, torch.zeros_like(out))  # capped to tau * 0
+    both_zero = nag(zp, zp.clone(), 5.0, 2.5, 0.5)
+    assert torch.equal(both_zero, zp)
+    tiny = torch.full((1, 2, 8), 1e-38)
+    assert torch.isfinite(nag(tiny, -tiny, 5.0, 2.5, 0.5)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_stable_on_extreme_inputs(dtype):
+    big = torch.finfo(dtype).max / 2
+    zp = torch.full((2, 4, 64), big, dtype=dtype)
+    zn = torch.full((2, 4, 64), -big, dtype=dtype)
+    out = nag(zp, zn, 10.0, 2.5, 0.5)  # s*Z+ alone overflows the dtype
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    small = torch.full((2, 4, 64), 1e-7, dtype=dtype)
+    out = nag(small, -small, 10.0, 2.5, 0.5)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    zp, zn = pair(2, 8, 64, dtype=dtype)
+    ref = reference_nag(zp.float(), zn.float(), 5.0, 2.5, 0.25)
+    torch.testing.assert_close(nag(zp, zn, 5.0, 2.5, 0.25).double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scale=st.floats(0.0, 20.0), tau=st.floats(0.05, 10.0), alpha=st.floats(0.0, 1.0),
+    rows=st.integers(1, 5), dim=st.integers(1, 40), seed=st.integers(0, 2**16), mag=st.floats(-30, 30),
+)
+def test_properties(scale, tau, alpha, rows, dim, seed, mag):
+    zp, zn = pair(rows, dim, seed=seed)
+    zn = zn * (2.0 ** (mag / 3))
+    out = nag(zp, zn, scale, tau, alpha)
+    assert torch.isfinite(out).all()
+    if scale <= 1 or alpha == 0:
+        assert out is zp
+        return
+    # The guided term obeys the cap (recovered from the blend; fp32 rounding is amplified by 1/alpha).
+    capped = (out.double() - (1 - alpha) * zp.double()) / alpha
+    slack = 1e-6 * (zp.abs().sum(-1) + zn.abs().sum(-1)).double() / alpha
+    assert (capped.abs().sum(-1) <= tau * zp.abs().sum(-1).double() * (1 + 1e-5) + slack).all()
+
+
+def test_compiles_fullgraph_without_graph_break():
+    zp, zn = pair(2, 7, 32)
+    fn = torch.compile(nag, fullgraph=True, backend="aot_eager")
+    s, t, a = torch.tensor(5.0), torch.tensor(2.5), torch.tensor(0.25)
+    torch.testing.assert_close(fn(zp, zn, s, t, a), nag(zp, zn, 5.0, 2.5, 0.25))
+    torch.testing.assert_close(fn(zp, zn, torch.tensor(3.0), t, a), nag(zp, zn, 3.0, 2.5, 0.25))
+    hot = torch.compile(nag_combine, fullgraph=True)  # inductor
+    torch.testing.assert_close(hot(zp, zn, 5.0, 2.5, 0.25, "l1"), nag(zp, zn, 5.0, 2.5, 0.25), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tau=0.0), "tau must be"),
+    (dict(tau=-1.0), "tau must be"),
+    (dict(alpha=-0.1), "alpha must be in"),
+    (dict(alpha=1.5), "alpha must be in"),
+    (dict(scale=-1.0), "scale must be"),
+    (dict(scale=float("inf")), "scale must be"),
+    (dict(norm="l3"), "norm must be"),
+])
+def test_parameter_validation(kwargs, match):
+    zp, zn = pair(1, 2, 4)
+    params = dict(scale=5.0, tau=2.5, alpha=0.25) | kwargs
+    with pytest.raises(ValueError, match=match):
+        nag(zp, zn, **params)
+
+
+def test_input_validation():
+    zp, zn = pair(1, 2, 4)
+    with pytest.raises(ValueError, match="same shape"):
+        nag(zp, zn[:, :1], 5.0)
+    with pytest.raises(ValueError, match="same dtype"):
+        nag(zp, zn.double(), 5.0)
+    with pytest.raises(ValueError, match="same device"):
+        nag(zp, zn.to("meta"), 5.0)
+    with pytest.raises(ValueError, match="floating point"):
+        nag(zp.long(), zn.long(), 5.0)
+    with pytest.raises(TypeError, match="must be tensors"):
+        nag(zp.tolist(), zn, 5.0)
+    with pytest.raises(ValueError, match="0-dim"):
+        nag(zp, zn, torch.tensor([5.0, 3.0]))
+    with pytest.raises(TypeError, match="Python numbers"):
+        nag(zp, zn, "5")
+    with pytest.raises(ValueError, match="tau must be"):
+        nag(zp, zn, torch.tensor(5.0), torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(start=-0.1), "start must be in"),
+    (dict(end=1.5), "end must be in"),
+    (dict(start=0.8, end=0.2), "start must be <= end"),
+    (dict(scale=float("nan")), "scale must not be NaN"),
+    (dict(tau=0), "tau must be"),
+    (dict(norm="max"), "norm must be"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NAGConfig(**kwargs)
+    with pytest.raises(TypeError, match="alpha must be a Python number"):
+        NAGConfig(alpha="0.5")
+
+
+def test_presets():
+    assert get_preset("sdxl").alpha == 0.5 and get_preset("wan").scale == 9.0
+    with pytest.raises(KeyError, match="known presets"):
+        get_preset("nope")
+    cfg = NAGConfig(start=0.0, end=0.25)
+    assert cfg.active_at(0.0) and cfg.active_at(0.25) and not cfg.active_at(0.5)
