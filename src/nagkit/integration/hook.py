@@ -71,7 +71,7 @@ class NAGDenoiserHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         args, kwargs, packing = plan
         state.calls["guided"] += 1
-        state.packing = packing
+        state.packing = state.last_packing = packing
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
