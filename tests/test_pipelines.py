@@ -297,3 +297,25 @@ def test_model_level_batch_mismatch_is_an_error():
     with nagkit.apply(unet, negative={"encoder_hidden_states": torch.zeros(1, 5, dim + 1)}):
         with pytest.raises(ValueError, match="channels"):
             unet(torch.zeros(1, 4, 8, 8), 10, torch.zeros(1, 7, dim))
+
+
+def test_negative_is_encoded_with_the_calls_settings():
+    name = "tiny-sdxl"
+    pipe = TINY_PIPELINES[name](seed=0)
+    seen = []
+    original = pipe.encode_prompt
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    pipe.encode_prompt = spy  # a user's own instance attribute must survive apply/remove
+    with nagkit.apply(pipe, negative_prompt="dark", scale=5.0):
+        generate(name, pipe, guidance=2.0, negative_prompt="ugly", num_images_per_prompt=2,
+                 seeds=(0, 1))
+    assert pipe.encode_prompt is spy
+    call, negative = seen
+    assert negative["prompt"] == ["dark"] and negative["do_classifier_free_guidance"] is False
+    assert negative["negative_prompt"] is None and negative["prompt_embeds"] is None
+    for key in ("clip_skip", "num_images_per_prompt", "lora_scale", "device"):
+        assert negative[key] == call[key], key
