@@ -1,0 +1,5 @@
+"""The ``nagkit`` command line (``generate``, ``info``)."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,310 @@
+"""``nagkit`` command line: ``nagkit generate`` and ``nagkit info``.
+
+Examples::
+
+    nagkit generate black-forest-labs/FLUX.1-schnell "a corgi" --negative "blurry" --steps 4
+    nagkit generate tiny-sdxl "a red cat" --negative "blurry" --out out/cat.png      # offline, built-in tiny model
+    nagkit info Wan-AI/Wan2.1-T2V-1.3B-Diffusers
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _is_tiny(model: str) -> bool:
+    from ..tiny.pipelines import TINY_PIPELINES
+
+    return model in TINY_PIPELINES
+
+
+def load_pipeline(model: str, dtype: str, device: str, offload: bool) -> Any:
+    """Load a diffusers pipeline by hub id, local path, or built-in tiny name; raise :class:`CLIError` on failure."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    if _is_tiny(model):
+        from ..tiny.pipelines import TINY_PIPELINES
+
+        pipe = TINY_PIPELINES[model](seed=0)
+        if torch_dtype != torch.float32:
+            pipe.to(dtype=torch_dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
+        except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear line
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CLIError(f"cannot load {model!r}: {reason} (check the hub id or local path; offline machines need "
+                           "the model in the local Hugging Face cache or a local folder)") from None
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def _model_index(model: str) -> dict[str, Any]:
+    if _is_tiny(model):
+        from ..tiny.pipelines import TINY_PIPELINES
+
+        pipe = TINY_PIPELINES[model](seed=0)
+        index = {"_class_name": type(pipe).__name__}
+        index.update({k: ["diffusers", type(v).__name__] for k, v in pipe.components.items() if v is not None})
+        return index
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(model))
+    except Exception as err:  # noqa: BLE001
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"cannot read the pipeline config of {model!r}: {reason}") from None
+
+
+# ------------------------------------------------------------------------------------------------ info
+def support_report(model: str) -> dict[str, Any]:
+    """Whether and how NAG supports ``model`` (reads only ``model_index.json``, no weights)."""
+    from ..adapters import base as adapters
+    from ..integration.pipelines import PIPELINES
+
+    index = _model_index(model)
+    pipeline = index.get("_class_name", "?")
+    spec = PIPELINES.get(pipeline)
+    denoisers = {}
+    for name in ("unet", "transformer", "transformer_2"):
+        entry = index.get(name)
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
+            denoisers[name] = entry[1]
+    families = {}
+    for name, klass in denoisers.items():
+        adapter = next((a for a in adapters._REGISTRY if a.model_class.__name__ == klass), None)
+        families[name] = adapter
+    supported = spec is not None and bool(families) and all(a is not None for a in families.values())
+    report: dict[str, Any] = {"model": model, "pipeline": pipeline, "supported": supported,
+                              "denoisers": {n: klass for n, klass in denoisers.items()}}
+    if supported:
+        from ..core.config import get_preset
+
+        first = next(iter(families.values()))
+        report["family"] = first.family
+        report["how"] = first.notes
+        report["preset"] = {"name": spec.preset, **get_preset(spec.preset).to_dict()}
+    else:
+        from ..adapters import supported_models
+
+        report["reason"] = (f"{pipeline} is not a supported pipeline" if spec is None else
+                            "its denoiser is not supported")
+        report["supported_pipelines"] = sorted(PIPELINES)
+        report["supported_denoisers"] = supported_models()
+    return report
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    report = support_report(args.model)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0 if report["supported"] else 1
+    if report["supported"]:
+        p = report["preset"]
+        print(f"{args.model}: supported ({report['pipeline']}, family '{report['family']}')")
+        print(f"  how: {report['how']}")
+        print(f"  default preset '{p['name']}': scale={p['scale']} tau={p['tau']} alpha={p['alpha']} "
+              f"start={p['start']} end={p['end']}")
+        return 0
+    print(f"{args.model}: not supported: {report['reason']} ({report['pipeline']}, denoisers: "
+          f"{report['denoisers'] or 'none'})")
+    print(f"  supported pipelines: {', '.join(report['supported_pipelines'])}")
+    return 1
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def _accepts(pipe: Any, name: str) -> bool:
+    return name in inspect.signature(type(pipe).__call__).parameters
+
+
+def _call_kwargs(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    kwargs: dict[str, Any] = {"prompt": args.prompt, "num_inference_steps": args.steps}
+    if args.guidance is not None:
+        kwargs["guidance_scale"] = args.guidance
+    if args.cfg_negative is not None:
+        if not _accepts(pipe, "negative_prompt"):
+            raise CLIError(f"{type(pipe).__name__} takes no CFG negative prompt")
+        kwargs["negative_prompt"] = args.cfg_negative
+    for flag, names in (("height", ("height",)), ("width", ("width",)), ("frames", ("num_frames",))):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        name = next((n for n in names if _accepts(pipe, n)), None)
+        if name is None:
+            raise CLIError(f"--{flag} is not an option of {type(pipe).__name__}")
+        kwargs[name] = value
+    if args.batch > 1:
+        name = next((n for n in ("num_images_per_prompt", "num_videos_per_prompt") if _accepts(pipe, n)), None)
+        if name is None:
+            raise CLIError(f"--batch is not an option of {type(pipe).__name__}")
+        kwargs[name] = args.batch
+    if args.image is not None:
+        from PIL import Image
+
+        try:
+            kwargs["image"] = Image.open(args.image).convert("RGB")
+        except OSError as err:
+            raise CLIError(f"cannot read --image {args.image}: {err}") from None
+    generator_device = "cpu" if args.offload else args.device
+    kwargs["generator"] = torch.Generator(device=generator_device).manual_seed(args.seed)
+    if _is_tiny(args.model):
+        from ..tiny.pipelines import TINY_CALL_KWARGS
+
+        for key, value in TINY_CALL_KWARGS[args.model].items():
+            kwargs.setdefault(key, value)
+        if args.model == "tiny-wan-i2v" and "image" not in kwargs:
+            from ..tiny.pipelines import tiny_condition_image
+
+            kwargs["image"] = tiny_condition_image()
+    return kwargs
+
+
+def _output_paths(out: str, count: int, ext: str) -> list[Path]:
+    path = Path(out)
+    if path.suffix.lower() != ext:
+        path = path.with_suffix(ext) if path.suffix else path / f"nagkit{ext}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(count)]
+
+
+def _save(result: Any, args: argparse.Namespace) -> list[Path]:
+    frames = getattr(result, "frames", None)
+    if frames is not None:
+        try:
+            import imageio.v2 as imageio
+            import numpy as np
+        except ImportError:
+            raise CLIError("writing MP4 needs the video extra: pip install 'nagkit[video]'") from None
+        paths = _output_paths(args.out, len(frames), ".mp4")
+        for path, video in zip(paths, frames, strict=True):
+            array = np.asarray(video)
+            if array.dtype != np.uint8:
+                array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+            try:
+                imageio.mimsave(path, list(array), fps=args.fps, macro_block_size=1)
+            except Exception as err:  # noqa: BLE001 - missing ffmpeg backend
+                raise CLIError(f"cannot write {path}: {err} (pip install 'nagkit[video]')") from None
+        return paths
+    images = result.images
+    paths = _output_paths(args.out, len(images), ".png")
+    for path, image in zip(paths, images, strict=True):
+        image.save(path)
+    return paths
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import diffusers
+    import torch
+
+    from .. import __version__, apply
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    print(f"loading {args.model} ...", file=sys.stderr)
+    pipe = load_pipeline(args.model, args.dtype, args.device, args.offload)
+    try:
+        guide = apply(pipe, negative_prompt=args.negative, scale=args.nag_scale, tau=args.nag_tau,
+                      alpha=args.nag_alpha, start=args.start, end=args.end, preset=args.preset)
+    except (TypeError, ValueError, KeyError, NotImplementedError) as err:
+        raise CLIError(str(err).strip("'\"")) from None
+    kwargs = _call_kwargs(pipe, args)
+    print(f"NAG: {guide.config}", file=sys.stderr)
+    result = pipe(**kwargs)
+    paths = _save(result, args)
+    settings = {
+        "model": args.model, "pipeline": type(pipe).__name__, "prompt": args.prompt, "negative": args.negative,
+        "cfg_negative": args.cfg_negative, "nag": guide.config.to_dict(), "preset": args.preset,
+        "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "height": args.height, "width": args.width,
+        "frames": args.frames, "batch": args.batch, "device": args.device, "dtype": args.dtype,
+        "offload": args.offload, "image": args.image, "files": [str(p) for p in paths],
+        "seconds": round(time.perf_counter() - started, 3),
+        "versions": {"nagkit": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__,
+                     "transformers": version("transformers")},
+    }
+    sidecar = paths[0].with_name(paths[0].stem.removesuffix("_0") + ".json")
+    sidecar.write_text(json.dumps(settings, indent=2))
+    guide.remove()
+    for path in paths:
+        print(path)
+    print(sidecar)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nagkit", description="Normalized Attention Guidance for diffusers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate with NAG; writes PNG/MP4 plus a JSON sidecar")
+    gen.add_argument("model", help="hub id, local path, or a built-in tiny model (tiny-sdxl, tiny-wan, ...)")
+    gen.add_argument("prompt")
+    gen.add_argument("--negative", default=None, help="NAG negative prompt (default: the CFG negative, else '')")
+    gen.add_argument("--cfg-negative", default=None, help="the pipeline's own CFG negative_prompt")
+    gen.add_argument("--nag-scale", type=float, default=None, help="nag_scale = paper phi + 1 (<= 1 is off)")
+    gen.add_argument("--nag-tau", type=float, default=None, help="norm cap tau > 0")
+    gen.add_argument("--nag-alpha", type=float, default=None, help="blend alpha in [0, 1]")
+    gen.add_argument("--preset", default=None, help="preset name (default: the model family's)")
+    gen.add_argument("--start", type=float, default=None, help="schedule position where NAG starts (0..1)")
+    gen.add_argument("--end", type=float, default=None, help="schedule position where NAG ends (0..1, = nag_end)")
+    gen.add_argument("--steps", type=int, default=4)
+    gen.add_argument("--guidance", type=float, default=None, help="the pipeline's guidance_scale (CFG)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--frames", type=int, default=None, help="video frames")
+    gen.add_argument("--fps", type=int, default=16, help="MP4 frame rate")
+    gen.add_argument("--image", default=None, help="conditioning image (image-to-video)")
+    gen.add_argument("--batch", type=int, default=1, help="images/videos per prompt")
+    gen.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available)")
+    gen.add_argument("--dtype", default="float32", choices=DTYPES)
+    gen.add_argument("--offload", action="store_true", help="enable_model_cpu_offload()")
+    gen.add_argument("--out", default="nagkit_out", help="output file or folder (default: nagkit_out/)")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="does NAG support this model, and how")
+    info.add_argument("model", help="hub id, local path, or a built-in tiny model")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nagkit`` command."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "steps", 1) < 1 or getattr(args, "batch", 1) < 1:
+        print("nagkit: error: --steps and --batch must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except CLIError as err:
+        print(f"nagkit: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
