@@ -203,6 +203,14 @@ def test_model_cpu_offload_before_or_after():
     assert torch.equal(generate(name, pipe), base)
     assert hasattr(pipe.unet, "_hf_hook")  # the offload hook is still in place
 
+    fresh = TINY_PIPELINES[name](seed=0)
+    guide = nagkit.apply(fresh, negative_prompt=NEGATIVE, scale=5.0)  # before offload
+    fresh.enable_model_cpu_offload(device="cpu")
+    for _ in range(2):
+        torch.testing.assert_close(generate(name, fresh), expected, atol=1e-6, rtol=1e-6)
+    guide.remove()
+    assert torch.equal(generate(name, fresh), base)
+
 
 def test_update_takes_effect_on_next_call():
     name = "tiny-wan"
