@@ -172,4 +172,8 @@ def test_presets():
     with pytest.raises(KeyError, match="known presets"):
         get_preset("nope")
     cfg = NAGConfig(start=0.0, end=0.25)
-    assert cfg.active_at(0.0) and cfg.active_at(0.25) and not cfg.active_at(0.5)
+    assert cfg.in_window(999) and cfg.in_window(750) and not cfg.in_window(749.9) and not cfg.in_window(500)
+    # the official UNet rule: NAG off once t < floor((1 - nag_end) * 999); DMD2's t=749 stays guided at end=0.25
+    assert cfg.in_window(749, horizon=999, floor=True) and not cfg.in_window(748, horizon=999, floor=True)
+    late = NAGConfig(start=0.5, end=1.0)
+    assert late.in_window(0) and late.in_window(500) and not late.in_window(501)

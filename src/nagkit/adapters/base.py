@@ -61,6 +61,7 @@ class Adapter:
         mask_arg: forward argument holding a ``(B, L)`` text padding mask, or None when the family has none.
         timestep_arg: forward argument holding the timestep (for the ``start``/``end`` window).
         timestep_max: the training horizon ``T`` in ``u = 1 − t/T``.
+        window_floor: round the window thresholds to integers (the official UNet ``nag_end`` rule).
         preset: default preset name.
         notes: one line for ``nagkit info``.
     """
@@ -73,6 +74,7 @@ class Adapter:
     mask_arg: str | None = None
     timestep_arg: str = "timestep"
     timestep_max: float = 1000.0
+    window_floor: bool = False
     preset: str = ""
     notes: str = ""
 

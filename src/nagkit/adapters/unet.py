@@ -89,6 +89,8 @@ UNET = register_adapter(Adapter(
     processors={AttnProcessor2_0: NAGAttnProcessor2_0},
     select=is_text_cross_attention,
     mask_arg="encoder_attention_mask",
+    timestep_max=999.0,  # official SDXL: NAG off once t < floor((1 - nag_end) * 999)
+    window_floor=True,
     preset="sdxl",
     notes="SD1.5/SDXL (incl. DMD2, Lightning, Turbo checkpoints): NAG on every cross-attention attn2",
 ))

@@ -18,9 +18,10 @@ class NAGConfig:
         alpha: blend α between the capped guidance and ``Z+``.
         start: schedule position where NAG switches on (0 = first step).
         end: schedule position where NAG switches off (1 = last step). The position of a denoiser call is
-            ``u = 1 − t/T`` with ``t`` its timestep and ``T`` the training horizon (1000), so ``end`` is exactly the
-            official diffusers ``nag_end`` (NAG on while ``t ≥ (1 − nag_end)·1000``) and, for flow-matching models
-            whose sigma is ``t/1000``, ComfyUI's ``nag_sigma_end`` is ``1 − end``.
+            ``u = 1 − t/T`` with ``t`` its timestep and ``T`` the training horizon, so ``end`` is exactly the
+            official diffusers ``nag_end`` (NAG on while ``t ≥ (1 − nag_end)·1000``; UNet pipelines:
+            ``t ≥ floor((1 − nag_end)·999)``) and, for flow-matching models whose sigma is ``t/1000``, ComfyUI's
+            ``nag_sigma_end`` is ``1 − end``.
         norm: ``"l1"`` (paper) or ``"l2"``.
     """
 
@@ -53,9 +54,25 @@ class NAGConfig:
         """True when the settings make NAG an exact identity (``scale ≤ 1`` or ``alpha == 0``)."""
         return self.scale <= 1 or self.alpha == 0
 
-    def active_at(self, position: float) -> bool:
-        """Whether a denoiser call at schedule position ``position`` (0 = start, 1 = end) is guided."""
-        return self.start <= position <= self.end
+    def in_window(self, timestep: float, horizon: float = 1000.0, floor: bool = False) -> bool:
+        """Whether a denoiser call at ``timestep`` is guided.
+
+        The call sits at schedule position ``u = 1 − t/horizon`` and is guided when ``start ≤ u ≤ end``, i.e.
+        ``(1 − end)·horizon ≤ t ≤ (1 − start)·horizon``. ``floor=True`` rounds the lower bound down, which is the
+        official UNet pipelines' ``t ≥ floor((1 − nag_end)·999)`` (horizon 999).
+
+        Args:
+            timestep: the call's timestep ``t``.
+            horizon: the training horizon ``T`` of the model family (1000, or 999 for UNet pipelines).
+            floor: round the thresholds outward to integers.
+
+        Returns:
+            True when NAG is on for this call.
+        """
+        low, high = (1.0 - self.end) * horizon, (1.0 - self.start) * horizon
+        if floor:
+            low, high = math.floor(low), math.ceil(high)
+        return low <= timestep <= high
 
     def with_updates(self, **changes: float | str | None) -> NAGConfig:
         """A copy with the given non-None fields replaced (and validated)."""

@@ -58,8 +58,8 @@ def _timestep_value(t: Any) -> float:
 
 
 @torch.compiler.disable
-def _schedule_position(t: Any, horizon: float) -> float:
-    return 1.0 - _timestep_value(t) / horizon
+def _in_window(config: NAGConfig, t: Any, adapter: Adapter) -> bool:
+    return config.in_window(_timestep_value(t), adapter.timestep_max, adapter.window_floor)
 
 
 @torch.compiler.disable
@@ -272,7 +272,7 @@ class Guide:
             return None
         if (config.start, config.end) != (0.0, 1.0):
             t = access.get(adapter.timestep_arg, args, kwargs)
-            if t is not None and not config.active_at(_schedule_position(t, adapter.timestep_max)):
+            if t is not None and not _in_window(config, t, adapter):
                 return None
 
         batch, r = text.shape[0], negative.embeds.shape[0]
