@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import SanaTransformer2DModel
 from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
 
-from ..kernels.cross import nag_cross_attention
+from ..kernels.cross import nag_cross_attention, sdpa_heads_first
 from .base import Adapter, NAGProcessor, register_adapter
 from .unet import is_text_cross_attention
 
@@ -43,11 +42,7 @@ class NAGSanaAttnProcessor2_0(NAGProcessor):
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
 
-        def attend(q, k, v, mask):  # noqa: ANN001, ANN202
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-            return out.transpose(1, 2).reshape(q.shape[0], -1, attn.heads * head_dim).to(q.dtype)
-
-        hidden_states = nag_cross_attention(attend, query, key, value, attention_mask, packing,
+        hidden_states = nag_cross_attention(sdpa_heads_first(attn.heads), query, key, value, attention_mask, packing,
                                             cfg.scale, cfg.tau, cfg.alpha, cfg.norm, seq_dim=2)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -8,11 +8,10 @@ cross-attention keys/values, like the official pipeline.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from ..kernels.cross import nag_cross_attention
+from ..kernels.cross import nag_cross_attention, sdpa_heads_first
 from .base import Adapter, NAGProcessor, register_adapter
 
 
@@ -62,11 +61,7 @@ class NAGAttnProcessor2_0(NAGProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        def attend(q, k, v, mask):  # noqa: ANN001, ANN202
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-            return out.transpose(1, 2).reshape(q.shape[0], -1, attn.heads * head_dim).to(q.dtype)
-
-        hidden_states = nag_cross_attention(attend, query, key, value, attention_mask, packing,
+        hidden_states = nag_cross_attention(sdpa_heads_first(attn.heads), query, key, value, attention_mask, packing,
                                             cfg.scale, cfg.tau, cfg.alpha, cfg.norm, seq_dim=2)
 
         hidden_states = attn.to_out[0](hidden_states)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..core.operator import nag_combine
 
@@ -42,6 +43,17 @@ class Packing:
     @property
     def all_rows(self) -> bool:
         return self.rows.start == 0 and self.rows.stop == self.batch
+
+
+def sdpa_heads_first(heads: int) -> Attend:
+    """``attend`` for ``(B, H, L, D)`` tensors through ``F.scaled_dot_product_attention`` (the legacy processors'
+    kernel), returning merged heads ``(B, Lq, H·D)`` in the query dtype."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).reshape(q.shape[0], -1, heads * q.shape[-1]).to(q.dtype)
+
+    return attend
 
 
 def _rows(x: torch.Tensor | None, packing: Packing) -> torch.Tensor | None:
