@@ -98,6 +98,8 @@ PRESETS: dict[str, NAGConfig] = {
     "sana": NAGConfig(scale=5.0, tau=2.5, alpha=0.375),
     # No official PixArt code; same DiT-with-T5-cross-attention setting as SANA.
     "pixart": NAGConfig(scale=5.0, tau=2.5, alpha=0.375),
+    # Official SD3 pipeline: alpha 0.125; README SD3.5-Large-Turbo example nag_scale 5 (paper φ=4).
+    "sd3": NAGConfig(scale=5.0, tau=2.5, alpha=0.125),
 }
 
 

@@ -45,7 +45,10 @@ _PIXART = PipelineSpec(denoisers=("transformer",), mask_index=1, preset="pixart"
 _SANA = PipelineSpec(denoisers=("transformer",), mask_index=1, overrides={"complex_human_instruction": False},
                      preset="sana")
 
+_SD3 = PipelineSpec(denoisers=("transformer",), preset="sd3")
+
 PIPELINES: dict[str, PipelineSpec] = {
+    "StableDiffusion3Pipeline": _SD3,
     "StableDiffusionPipeline": _SD,
     "StableDiffusionXLPipeline": _SDXL,
     "WanPipeline": _WAN,

@@ -1,0 +1,88 @@
+"""Joint attention (MM-DiT) with NAG, image→image attention computed once.
+
+The packed sequence holds the image tokens ``I``, the prompt's text ``Tp`` and the negative's text ``Tn`` (text-first
+``[Tp | Tn | I]`` for Flux, image-first ``[I | Tp | Tn]`` for SD3). The segments attend as two ordinary joint
+attentions that share the image::
+
+    Tp queries -> keys [Tp, I]             (the prompt's own joint attention, unchanged)
+    Tn queries -> keys [Tn, I]             (the negative text evolves as its own stream)
+    I  queries -> Z+ over [Tp, I], Z- over [Tn, I];  output NAG(Z+, Z-)
+
+``Z+`` and ``Z-`` are exact partial-softmax merges (:mod:`nagkit.kernels.lse`) of one image→image attention with the
+small image→text attentions, so the negative branch never recomputes image→image attention. Without an LSE kernel the
+same numbers come from two full attentions (``use_lse=False``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..core.operator import nag_combine
+from .cross import Packing
+from .lse import attention_with_lse, merge_attention
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).flatten(2, 3)
+
+
+def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packing: Packing,
+                        text_first: bool, scale: float, tau: float, alpha: float, norm: str = "l1",
+                        use_lse: bool = True) -> torch.Tensor:
+    """NAG joint attention over a packed ``[Tp | Tn | I]`` (``text_first``) or ``[I | Tp | Tn]`` sequence.
+
+    Args:
+        query, key, value: heads-first ``(B, H, L, D)`` over the whole packed sequence (RoPE/norms applied).
+        packing: text lengths and the guided rows.
+        text_first: segment order of the model (Flux: True, SD3: False).
+        scale, tau, alpha, norm: NAG parameters.
+        use_lse: merge partial attentions by log-sum-exp (default) instead of two full image attentions.
+
+    Returns:
+        ``(B, L, H·D)`` in the packed order and the query dtype: the joint-attention output of every token, with
+        ``NAG(Z+, Z-)`` on the image tokens of the guided rows and ``Z+`` on the others.
+    """
+    lp, ln, total = packing.lp, packing.ln, query.shape[2]
+    li = total - lp - ln
+    if text_first:
+        sp, sn, si = slice(0, lp), slice(lp, lp + ln), slice(lp + ln, total)
+    else:
+        si, sp, sn = slice(0, li), slice(li, li + lp), slice(li + lp, total)
+
+    def seg(x: torch.Tensor, s: slice) -> torch.Tensor:
+        return x[:, :, s]
+
+    def keys(text: slice, x: torch.Tensor) -> torch.Tensor:  # same key order as the model's own joint sequence
+        return torch.cat([seg(x, text), seg(x, si)] if text_first else [seg(x, si), seg(x, text)], dim=2)
+
+    q_i = seg(query, si)
+    out_p = _sdpa(seg(query, sp), keys(sp, key), keys(sp, value))
+    out_n = _sdpa(seg(query, sn), keys(sn, key), keys(sn, value))
+    rows = packing.rows
+    q_g = q_i if packing.all_rows else q_i[rows]
+    if use_lse:
+        image = attention_with_lse(q_i, seg(key, si), seg(value, si))
+        z_pos = merge_attention([image, attention_with_lse(q_i, seg(key, sp), seg(value, sp))])
+        k_n, v_n = seg(key, sn), seg(value, sn)
+        if not packing.all_rows:
+            image = (image[0][rows], image[1][rows])
+            k_n, v_n = k_n[rows], v_n[rows]
+        z_neg = merge_attention([image, attention_with_lse(q_g, k_n, v_n)])
+    else:
+        z_pos = _sdpa(q_i, keys(sp, key), keys(sp, value))
+        k_n, v_n = keys(sn, key), keys(sn, value)
+        if not packing.all_rows:
+            k_n, v_n = k_n[rows], v_n[rows]
+        z_neg = _sdpa(q_g, k_n, v_n)
+    z_pos, z_neg = _merge_heads(z_pos), _merge_heads(z_neg)
+    guided = nag_combine(z_pos if packing.all_rows else z_pos[rows], z_neg, scale, tau, alpha, norm)
+    if not packing.all_rows:
+        guided = torch.cat([z_pos[: rows.start], guided, z_pos[rows.stop:]], dim=0)
+    parts = [_merge_heads(out_p), _merge_heads(out_n), guided] if text_first else \
+        [guided, _merge_heads(out_p), _merge_heads(out_n)]
+    return torch.cat(parts, dim=1).to(query.dtype)
