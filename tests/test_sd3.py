@@ -16,11 +16,11 @@ def sd3(request):
     torch.manual_seed(0)
     model = SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4, pos_embed_max_size=8,
-        qk_norm="rms_norm", dual_attention_layers=(0,) if request.param == "sd35" else ()).eval()
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
+        pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,) if request.param == "sd35" else ()).eval()
     g = torch.Generator().manual_seed(1)
-    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 7, 16, generator=g),
-                  pooled_projections=torch.randn(2, 12, generator=g), timestep=torch.tensor([700.0, 700.0]),
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 7, 16, generator=g), pooled_projections=torch.randn(2, 12, generator=g), timestep=torch.tensor([700.0, 700.0]),
                   return_dict=False)
     negative = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=g)}
     return model, inputs, negative
