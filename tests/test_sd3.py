@@ -20,7 +20,8 @@ def sd3(request):
         pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,) if request.param == "sd35" else ()).eval()
     g = torch.Generator().manual_seed(1)
     inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
-                  encoder_hidden_states=torch.randn(2, 7, 16, generator=g), pooled_projections=torch.randn(2, 12, generator=g), timestep=torch.tensor([700.0, 700.0]),
+                  encoder_hidden_states=torch.randn(2, 7, 16, generator=g),
+                  pooled_projections=torch.randn(2, 12, generator=g), timestep=torch.tensor([700.0, 700.0]),
                   return_dict=False)
     negative = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=g)}
     return model, inputs, negative
