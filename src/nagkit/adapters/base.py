@@ -8,7 +8,7 @@ class (the original processor's code with its single attention call replaced by
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,6 +64,11 @@ class Adapter:
         window_floor: round the window thresholds to integers (the official UNet ``nag_end`` rule).
         preset: default preset name.
         notes: one line for ``nagkit info``.
+        negative_keys: further forward arguments a negative may carry (e.g. Flux's ``pooled_projections``).
+        prepare: ``prepare(model, access, args, kwargs, negative, packing, state) -> (args, kwargs)``, run after
+            the text is packed on a guided call: extra packing (e.g. text position ids) and per-call state.
+        block_forwards: block class -> ``forward(block, state, original_forward, *args, **kwargs)`` used for that
+            block on guided calls (per-segment modulation of the text stream), installed as a block hook.
     """
 
     family: str
@@ -77,6 +82,9 @@ class Adapter:
     window_floor: bool = False
     preset: str = ""
     notes: str = ""
+    negative_keys: tuple[str, ...] = ()
+    prepare: Callable | None = None
+    block_forwards: dict[type, Callable] = field(default_factory=dict)
 
 
 _REGISTRY: list[Adapter] = []

@@ -100,6 +100,10 @@ PRESETS: dict[str, NAGConfig] = {
     "pixart": NAGConfig(scale=5.0, tau=2.5, alpha=0.375),
     # Official SD3 pipeline: alpha 0.125; README SD3.5-Large-Turbo example nag_scale 5 (paper φ=4).
     "sd3": NAGConfig(scale=5.0, tau=2.5, alpha=0.125),
+    # Official Flux pipeline: alpha 0.25; README FLUX.1-schnell example nag_scale 5 (4 steps, no CFG).
+    "flux": NAGConfig(scale=5.0, tau=2.5, alpha=0.25),
+    # Official Kontext pipeline: nag_end 0.25 by default; README nag_scale 5.
+    "flux-kontext": NAGConfig(scale=5.0, tau=2.5, alpha=0.25, end=0.25),
 }
 
 

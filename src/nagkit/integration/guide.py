@@ -10,7 +10,7 @@ What gets installed (and removed by :meth:`Guide.remove`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from ..adapters import Adapter, adapter_for, nag_modules, supported_models
 from ..core.config import NAGConfig, get_preset
 from ..core.state import NAGState
 from ..kernels.cross import Packing
-from .hook import ArgAccess, NAGDenoiserHook, install_hook, uninstall_hook
+from .hook import ArgAccess, NAGBlockHook, NAGDenoiserHook, install_hook, uninstall_hook
 from .pipelines import PIPELINES, PipelineSpec, bind_arguments, is_pipeline, negative_arguments, pipeline_spec
 
 _MARK = "_nagkit_guide"
@@ -33,10 +33,11 @@ class _Negative:
     embeds: torch.Tensor  # (R, Ln, C)
     mask: torch.Tensor | None  # (R, Ln)
     positive: torch.Tensor | None = None  # (R, Lp, C): the call's prompt embeddings, to find the conditional rows
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. the negative's pooled embedding (R, P)
 
 
 def _check_negative_dict(negative: dict[str, Any], adapter: Adapter) -> _Negative:
-    allowed = {adapter.text_arg} | ({adapter.mask_arg} if adapter.mask_arg else set())
+    allowed = {adapter.text_arg, *adapter.negative_keys} | ({adapter.mask_arg} if adapter.mask_arg else set())
     unknown = set(negative) - allowed
     if unknown:
         raise ValueError(f"negative has keys {sorted(unknown)} that {adapter.model_class.__name__} NAG does not use; "
@@ -48,7 +49,12 @@ def _check_negative_dict(negative: dict[str, Any], adapter: Adapter) -> _Negativ
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != embeds.shape[:2]):
         raise ValueError(f"negative[{adapter.mask_arg!r}] must be a (batch, tokens) tensor matching "
                          f"negative[{adapter.text_arg!r}] {tuple(embeds.shape[:2])}")
-    return _Negative(embeds=embeds, mask=mask)
+    extras = {k: negative[k] for k in adapter.negative_keys if negative.get(k) is not None}
+    for key, value in extras.items():
+        if not isinstance(value, torch.Tensor) or value.shape[0] != embeds.shape[0]:
+            raise ValueError(f"negative[{key!r}] must be a tensor with the same batch as "
+                             f"negative[{adapter.text_arg!r}] ({embeds.shape[0]})")
+    return _Negative(embeds=embeds, mask=mask, extras=extras)
 
 
 def _timestep_value(t: Any) -> float:
@@ -190,6 +196,10 @@ class Guide:
                 original = attn.processor
                 attn.set_processor(adapter.processors[type(original)](original, self.state))
                 self._processors.append((attn, original))
+            for block in module.modules():
+                forward = adapter.block_forwards.get(type(block))
+                if forward is not None:
+                    self._hooks.append((block, install_hook(block, NAGBlockHook(self.state, forward))))
             self._hooks.append((module, install_hook(module, NAGDenoiserHook(self, adapter, module))))
             self._denoisers.append((module, adapter))
             setattr(module, _MARK, self)
@@ -228,7 +238,8 @@ class Guide:
             self._call = None
             return
         if self._fixed is not None:
-            self._call = _Negative(embeds=self._fixed.embeds, mask=self._fixed.mask, positive=positive)
+            self._call = _Negative(embeds=self._fixed.embeds, mask=self._fixed.mask, positive=positive,
+                                   extras=self._fixed.extras)
             return
         per_prompt = int(arguments.get(spec.count_arg) or 1)
         prompts = rows // per_prompt
@@ -244,7 +255,8 @@ class Guide:
                                  "give one string (used for every prompt) or exactly one per prompt")
         neg = encode(**negative_arguments(arguments, negatives, spec))
         mask = neg[spec.mask_index] if spec.mask_index is not None else None
-        self._call = _Negative(embeds=neg[spec.embeds_index], mask=mask, positive=positive)
+        extras = {"pooled_projections": neg[spec.pooled_index]} if spec.pooled_index is not None else {}
+        self._call = _Negative(embeds=neg[spec.embeds_index], mask=mask, positive=positive, extras=extras)
 
     def _end_call(self) -> None:
         self._call = None
@@ -258,7 +270,7 @@ class Guide:
             return self._call
         return self._fixed
 
-    def _plan(self, adapter: Adapter, access: ArgAccess, args: tuple, kwargs: dict
+    def _plan(self, adapter: Adapter, access: ArgAccess, args: tuple, kwargs: dict, module: torch.nn.Module
               ) -> tuple[tuple, dict, Packing] | None:
         """Guided-call inputs (packed text, mask) and layout, or None for a plain call."""
         config = self.state.config
@@ -311,7 +323,13 @@ class Guide:
                     neg_mask = neg_mask.clone()
                     neg_mask[rows] = mask.to(device=like.device, dtype=dtype)
                 args, kwargs = access.set(adapter.mask_arg, torch.cat([pos_mask, neg_mask], dim=1), args, kwargs)
-        return args, kwargs, Packing(lp=text.shape[1], ln=ln, rows=rows, batch=batch)
+        packing = Packing(lp=text.shape[1], ln=ln, rows=rows, batch=batch)
+        if adapter.prepare is not None:
+            extras = negative.extras
+            if r == 1 and batch > 1 and self.spec is None:
+                extras = {k: v.expand(batch, *v.shape[1:]) for k, v in extras.items()}
+            args, kwargs = adapter.prepare(module, access, args, kwargs, extras, packing, self.state)
+        return args, kwargs, packing
 
     def _require_installed(self) -> None:
         if not self._installed:

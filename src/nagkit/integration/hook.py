@@ -64,7 +64,7 @@ class NAGDenoiserHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         context = self.cache_context._context
         name = context.name if context is not None else None
-        plan = None if name in UNCOND_CONTEXTS else self.guide._plan(self.adapter, self.access, args, kwargs)
+        plan = None if name in UNCOND_CONTEXTS else self.guide._plan(self.adapter, self.access, args, kwargs, module)
         state = self.guide.state
         if plan is None:
             state.calls["unguided"] += 1
@@ -76,11 +76,26 @@ class NAGDenoiserHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
             state.packing = None
+            state.extras.clear()
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         # Called by the pipeline at the end of every call (``maybe_free_model_hooks``).
         self.guide._end_call()
         return module
+
+
+class NAGBlockHook(ModelHook):
+    """Runs an adapter's guided version of a block's forward while a guided call is in flight."""
+
+    def __init__(self, state: Any, forward: Any) -> None:
+        super().__init__()
+        self.state = state
+        self.forward = forward
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.state.packing is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.forward(module, self.state, self.fn_ref.original_forward, *args, **kwargs)
 
 
 def _accelerate_hook(module: torch.nn.Module) -> Any:

@@ -24,6 +24,8 @@ class PipelineSpec:
         denoisers: attribute names of the denoisers to guide (those that exist and are not None).
         embeds_index: position of the positive text embeddings in ``encode_prompt``'s return tuple.
         mask_index: position of the positive text mask, or None.
+        pooled_index: position of the pooled text embedding the negative branch uses, or None (then the negative
+            branch keeps the prompt's pooled embedding, as in the official SD3/SDXL pipelines).
         count_arg: the ``num_*_per_prompt`` argument name.
         overrides: extra ``encode_prompt`` arguments for the negative (how the pipeline encodes its CFG negative).
         preset: default preset.
@@ -32,6 +34,7 @@ class PipelineSpec:
     denoisers: tuple[str, ...]
     embeds_index: int = 0
     mask_index: int | None = None
+    pooled_index: int | None = None
     count_arg: str = "num_images_per_prompt"
     overrides: dict[str, Any] = field(default_factory=dict)
     preset: str = ""
@@ -46,9 +49,14 @@ _SANA = PipelineSpec(denoisers=("transformer",), mask_index=1, overrides={"compl
                      preset="sana")
 
 _SD3 = PipelineSpec(denoisers=("transformer",), preset="sd3")
+# Flux returns (prompt_embeds, pooled, text_ids); the negative branch uses the negative's pooled embedding (official).
+_FLUX = PipelineSpec(denoisers=("transformer",), pooled_index=1, preset="flux")
+_KONTEXT = PipelineSpec(denoisers=("transformer",), pooled_index=1, preset="flux-kontext")
 
 PIPELINES: dict[str, PipelineSpec] = {
     "StableDiffusion3Pipeline": _SD3,
+    "FluxPipeline": _FLUX,
+    "FluxKontextPipeline": _KONTEXT,
     "StableDiffusionPipeline": _SD,
     "StableDiffusionXLPipeline": _SDXL,
     "WanPipeline": _WAN,

@@ -14,35 +14,14 @@ heads ``(B, Lq, H·D)``, so the NAG norm runs over the whole feature dim as in t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..core.operator import nag_combine
+from ..core.state import Packing
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Packing:
-    """Where the negative text sits in a packed text sequence, and which batch rows are guided.
-
-    Attributes:
-        lp: number of positive text tokens (first in the sequence).
-        ln: number of negative text tokens (right after the positive ones).
-        rows: the guided rows of the batch, a contiguous slice.
-        batch: total rows in the batch.
-    """
-
-    lp: int
-    ln: int
-    rows: slice
-    batch: int
-
-    @property
-    def all_rows(self) -> bool:
-        return self.rows.start == 0 and self.rows.stop == self.batch
 
 
 def sdpa_heads_first(heads: int) -> Attend:

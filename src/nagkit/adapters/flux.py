@@ -1,0 +1,186 @@
+"""FLUX.1 ``FluxTransformer2DModel`` (schnell, dev, Kontext): NAG in every double- and single-stream block.
+
+Layout ``[Tp | Tn | I]`` (text first). The negative text is packed after the prompt's text (its RoPE position ids are
+zeros, like every Flux text token) and travels through all blocks as its own stream; the image stream stays single:
+
+* double blocks: image queries give ``NAG(Z+, Z-)``; the image→image attention is computed once (LSE merge);
+* single blocks (``fast`` mode): the same rule on the concatenated sequence — image tokens are never duplicated, and
+  per-token work (norms, MLP, projections) runs once on them.
+
+Modulation of the negative text follows the official code: the negative branch is conditioned with the *negative*
+pooled CLIP embedding (``temb`` of the negative), applied per segment by block hooks; when no negative pooled
+embedding is given (bare denoiser without ``pooled_projections`` in ``negative``), the prompt's is used.
+
+Difference from the official implementation (documented, measured in the tests): the official single blocks run a
+second copy of the image tokens under the negative modulation, so its negative branch sees image keys/values that
+drift from the shared image stream; ``fast`` keeps one image stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
+    FluxSingleTransformerBlock,
+    FluxTransformerBlock,
+)
+
+from ..kernels.joint import nag_joint_attention
+from .base import Adapter, NAGProcessor, register_adapter
+
+
+def _projections(attn: torch.nn.Module, hidden_states: torch.Tensor, text: torch.Tensor | None):
+    if attn.fused_projections:
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        if text is not None:
+            return (query, key, value, *attn.to_added_qkv(text).chunk(3, dim=-1))
+        return query, key, value, None, None, None
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    if text is not None:
+        return query, key, value, attn.add_q_proj(text), attn.add_k_proj(text), attn.add_v_proj(text)
+    return query, key, value, None, None, None
+
+
+class NAGFluxAttnProcessor(NAGProcessor):
+    """``FluxAttnProcessor`` with NAG on the image tokens (double blocks: separate text input; single blocks: the
+    packed ``[Tp | Tn | I]`` sequence)."""
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        packing = self.state.packing
+        if packing is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if attention_mask is not None:
+            raise NotImplementedError("nagkit's Flux NAG processor takes no attention_mask")
+        cfg = self.state.config
+        query, key, value, t_query, t_key, t_value = _projections(attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if encoder_hidden_states is not None:
+            query = torch.cat([attn.norm_added_q(t_query.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
+            key = torch.cat([attn.norm_added_k(t_key.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
+            value = torch.cat([t_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = nag_joint_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), packing,
+                                  text_first=True, scale=cfg.scale, tau=cfg.tau, alpha=cfg.alpha, norm=cfg.norm)
+        if encoder_hidden_states is None:
+            return out
+        text_len = encoder_hidden_states.shape[1]
+        hidden_states = attn.to_out[1](attn.to_out[0](out[:, text_len:].contiguous()))
+        return hidden_states, attn.to_add_out(out[:, :text_len].contiguous())
+
+
+def _per_token(pos: torch.Tensor, neg: torch.Tensor, lp: int, ln: int, tail: int = 0) -> torch.Tensor:
+    """Per-row modulation ``(B, D)`` of each segment as one per-token tensor ``(B, lp+ln+tail, D)``."""
+    parts = [pos[:, None].expand(-1, lp, -1), neg[:, None].expand(-1, ln, -1)]
+    if tail:
+        parts.append(pos[:, None].expand(-1, tail, -1))
+    return torch.cat(parts, dim=1)
+
+
+def _double_block(block: FluxTransformerBlock, state: Any, original: Any, hidden_states: torch.Tensor,
+                  encoder_hidden_states: torch.Tensor, temb: torch.Tensor, image_rotary_emb: Any = None,
+                  joint_attention_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FluxTransformerBlock.forward`` with the negative text modulated by the negative's ``temb``."""
+    temb_neg = state.extras.get("temb_neg")
+    if temb_neg is None:
+        return original(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+    lp, ln = state.packing.lp, state.packing.ln
+    norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
+    pos = block.norm1_context(encoder_hidden_states[:, :lp], emb=temb)
+    neg = block.norm1_context(encoder_hidden_states[:, lp:], emb=temb_neg)
+    c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = (
+        _per_token(p, n, lp, ln) for p, n in zip(pos[1:], neg[1:], strict=True))
+    outputs = block.attn(hidden_states=norm_hidden, encoder_hidden_states=torch.cat([pos[0], neg[0]], dim=1),
+                         image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+    attn_output, context_attn_output = outputs[0], outputs[1]
+
+    hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+    norm_hidden = block.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * block.ff(norm_hidden)
+
+    encoder_hidden_states = encoder_hidden_states + c_gate_msa * context_attn_output
+    norm_text = block.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp) + c_shift_mlp
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp * block.ff_context(norm_text)
+    if encoder_hidden_states.dtype == torch.float16:
+        encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+    return encoder_hidden_states, hidden_states
+
+
+def _single_block(block: FluxSingleTransformerBlock, state: Any, original: Any, hidden_states: torch.Tensor,
+                  encoder_hidden_states: torch.Tensor, temb: torch.Tensor, image_rotary_emb: Any = None,
+                  joint_attention_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FluxSingleTransformerBlock.forward`` with the negative text modulated by the negative's ``temb``."""
+    temb_neg = state.extras.get("temb_neg")
+    if temb_neg is None:
+        return original(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+    lp, ln = state.packing.lp, state.packing.ln
+    text_len = encoder_hidden_states.shape[1]
+    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    residual = hidden_states
+    norm_hidden, gate = block.norm(hidden_states, emb=temb)
+    norm_neg, gate_neg = block.norm(hidden_states[:, lp:lp + ln], emb=temb_neg)
+    norm_hidden = torch.cat([norm_hidden[:, :lp], norm_neg, norm_hidden[:, lp + ln:]], dim=1)
+    gate = _per_token(gate, gate_neg, lp, ln, hidden_states.shape[1] - lp - ln)
+    mlp_hidden = block.act_mlp(block.proj_mlp(norm_hidden))
+    attn_output = block.attn(hidden_states=norm_hidden, image_rotary_emb=image_rotary_emb,
+                             **(joint_attention_kwargs or {}))
+    hidden_states = residual + gate * block.proj_out(torch.cat([attn_output, mlp_hidden], dim=2))
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return hidden_states[:, :text_len], hidden_states[:, text_len:]
+
+
+def _prepare(model: torch.nn.Module, access: Any, args: tuple, kwargs: dict, extras: dict, packing: Any,
+             state: Any) -> tuple[tuple, dict]:
+    """Zero RoPE ids for the negative text; the negative's ``temb`` from its pooled embedding."""
+    txt_ids = access.get("txt_ids", args, kwargs)
+    if txt_ids is not None:
+        ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        args, kwargs = access.set("txt_ids", torch.cat([ids, ids.new_zeros(packing.ln, ids.shape[-1])]), args, kwargs)
+    pooled_neg = extras.get("pooled_projections")
+    if pooled_neg is not None:
+        pooled = access.get("pooled_projections", args, kwargs)
+        full = pooled.clone()
+        full[packing.rows] = pooled_neg.to(device=pooled.device, dtype=pooled.dtype)
+        dtype = model.x_embedder.weight.dtype
+        timestep = access.get("timestep", args, kwargs).to(dtype) * 1000
+        guidance = access.get("guidance", args, kwargs)
+        if guidance is None:
+            state.extras["temb_neg"] = model.time_text_embed(timestep, full)
+        else:
+            state.extras["temb_neg"] = model.time_text_embed(timestep, guidance.to(dtype) * 1000, full)
+    return args, kwargs
+
+
+def _flux_attention(name: str, module: torch.nn.Module) -> bool:
+    return name.endswith(".attn") and hasattr(module, "head_dim")
+
+
+FLUX = register_adapter(Adapter(
+    family="flux",
+    model_class=FluxTransformer2DModel,
+    processors={FluxAttnProcessor: NAGFluxAttnProcessor},
+    select=_flux_attention,
+    mask_arg=None,
+    timestep_max=1.0,  # the Flux pipelines pass t / 1000
+    preset="flux",
+    notes="FLUX.1 schnell/dev/Kontext: NAG on the image tokens of every double and single block; one image stream "
+          "(fast mode), negative text modulated with the negative pooled embedding (official choice)",
+    negative_keys=("pooled_projections",),
+    prepare=_prepare,
+    block_forwards={FluxTransformerBlock: _double_block, FluxSingleTransformerBlock: _single_block},
+))
