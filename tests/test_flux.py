@@ -95,3 +95,24 @@ def test_fast_differs_from_official_only_through_single_blocks(flux):
     gap, effect = (fast - official).abs().max().item(), (official - base).abs().max().item()
     assert gap > 0 and effect > 0
     print(f"fast vs official gap {gap:.3e}, NAG effect {effect:.3e}")
+
+
+def test_official_mode_matches_official_reference(flux):
+    model, inputs, negative = flux
+    with nagkit.apply(model, negative=negative, scale=SCALE, tau=TAU, alpha=ALPHA, mode="official") as guide:
+        assert guide.config.norm == "l2"
+        out = run(model, inputs)
+        guide.update(mode="fast")
+        assert guide.config.norm == "l1"
+        fast = run(model, inputs)
+    args = (model, inputs, negative["encoder_hidden_states"], negative["pooled_projections"], SCALE, TAU, ALPHA)
+    torch.testing.assert_close(out, flux_reference(*args, mode="official", p=2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, flux_reference(*args, mode="fast", p=1), atol=1e-5, rtol=1e-5)
+    same = {"encoder_hidden_states": inputs["encoder_hidden_states"],
+            "pooled_projections": inputs["pooled_projections"]}
+    with nagkit.apply(model, negative=same, scale=SCALE, mode="official"):
+        torch.testing.assert_close(run(model, inputs), run_base(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+def run_base(model, inputs):
+    return run(model, inputs)

@@ -67,6 +67,7 @@ class Adapter:
         negative_keys: further forward arguments a negative may carry (e.g. Flux's ``pooled_projections``).
         prepare: ``prepare(model, access, args, kwargs, negative, packing, state) -> (args, kwargs)``, run after
             the text is packed on a guided call: extra packing (e.g. text position ids) and per-call state.
+        official_norm: the norm the official implementation uses for this family (``mode="official"``).
         block_forwards: block class -> ``forward(block, state, original_forward, *args, **kwargs)`` used for that
             block on guided calls (per-segment modulation of the text stream), installed as a block hook.
     """
@@ -83,6 +84,7 @@ class Adapter:
     preset: str = ""
     notes: str = ""
     negative_keys: tuple[str, ...] = ()
+    official_norm: str = "l1"
     prepare: Callable | None = None
     block_forwards: dict[type, Callable] = field(default_factory=dict)
 

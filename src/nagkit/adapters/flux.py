@@ -11,9 +11,9 @@ Modulation of the negative text follows the official code: the negative branch i
 pooled CLIP embedding (``temb`` of the negative), applied per segment by block hooks; when no negative pooled
 embedding is given (bare denoiser without ``pooled_projections`` in ``negative``), the prompt's is used.
 
-Difference from the official implementation (documented, measured in the tests): the official single blocks run a
-second copy of the image tokens under the negative modulation, so its negative branch sees image keys/values that
-drift from the shared image stream; ``fast`` keeps one image stream.
+``mode="official"`` reproduces the official diffusers code: its single blocks run a second copy of the image tokens
+under the negative modulation (so the negative branch sees image keys/values that drift from the image stream), and
+it uses the L2 norm. The double blocks are the same in both modes. ``fast`` keeps one image stream.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from diffusers.models.transformers.transformer_flux import (
     FluxTransformerBlock,
 )
 
+from ..core.operator import nag_combine
 from ..kernels.joint import nag_joint_attention
 from .base import Adapter, NAGProcessor, register_adapter
 
@@ -120,11 +121,66 @@ def _double_block(block: FluxTransformerBlock, state: Any, original: Any, hidden
     return encoder_hidden_states, hidden_states
 
 
+def _segment_attention(attn: torch.nn.Module, hidden_states: torch.Tensor, rope: Any) -> torch.Tensor:
+    """The single block's own joint attention over one segment (``FluxAttnProcessor`` math, merged heads)."""
+    query, key, value, _, _, _ = _projections(attn, hidden_states, None)
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if rope is not None:
+        query = apply_rotary_emb(query, rope, sequence_dim=1)
+        key = apply_rotary_emb(key, rope, sequence_dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2),
+                                                           value.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+
+def _single_block_official(block: FluxSingleTransformerBlock, state: Any, hidden_states: torch.Tensor,
+                           encoder_hidden_states: torch.Tensor, temb: torch.Tensor, temb_neg: torch.Tensor,
+                           image_rotary_emb: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official single block: the negative row ``[Tn | I']`` carries its own image copy ``I'`` (entering the
+    single blocks as a copy of the image stream) under the negative's modulation; both rows' image attention outputs
+    are replaced by ``NAG(Z+, Z-)``. Kept across blocks in ``state.extras["image_copy"]``."""
+    packing, cfg = state.packing, state.config
+    lp, ln, rows = packing.lp, packing.ln, packing.rows
+    copy = state.extras.get("image_copy", hidden_states)
+    pos = torch.cat([encoder_hidden_states[:, :lp], hidden_states], dim=1)
+    neg = torch.cat([encoder_hidden_states[:, lp:], copy], dim=1)
+    if image_rotary_emb is not None:
+        rope_pos = tuple(torch.cat([r[:lp], r[lp + ln:]]) for r in image_rotary_emb)
+        rope_neg = tuple(r[lp:] for r in image_rotary_emb)
+    else:
+        rope_pos = rope_neg = None
+    norm_pos, gate_pos = block.norm(pos, emb=temb)
+    norm_neg, gate_neg = block.norm(neg, emb=temb_neg)
+    attn_pos = _segment_attention(block.attn, norm_pos, rope_pos)
+    attn_neg = _segment_attention(block.attn, norm_neg, rope_neg)
+    z_pos = attn_pos[:, lp:]
+    guided = nag_combine(z_pos[rows], attn_neg[rows, ln:], cfg.scale, cfg.tau, cfg.alpha, cfg.norm)
+    image_pos = torch.cat([z_pos[: rows.start], guided, z_pos[rows.stop:]])
+    image_neg = torch.cat([attn_neg[: rows.start, ln:], guided, attn_neg[rows.stop:, ln:]])
+    attn_pos = torch.cat([attn_pos[:, :lp], image_pos], dim=1)
+    attn_neg = torch.cat([attn_neg[:, :ln], image_neg], dim=1)
+    mlp_pos, mlp_neg = block.act_mlp(block.proj_mlp(norm_pos)), block.act_mlp(block.proj_mlp(norm_neg))
+    pos = pos + gate_pos.unsqueeze(1) * block.proj_out(torch.cat([attn_pos, mlp_pos], dim=2))
+    neg = neg + gate_neg.unsqueeze(1) * block.proj_out(torch.cat([attn_neg, mlp_neg], dim=2))
+    if pos.dtype == torch.float16:
+        pos, neg = pos.clip(-65504, 65504), neg.clip(-65504, 65504)
+    state.extras["image_copy"] = neg[:, ln:]
+    return torch.cat([pos[:, :lp], neg[:, :ln]], dim=1), pos[:, lp:]
+
+
 def _single_block(block: FluxSingleTransformerBlock, state: Any, original: Any, hidden_states: torch.Tensor,
                   encoder_hidden_states: torch.Tensor, temb: torch.Tensor, image_rotary_emb: Any = None,
                   joint_attention_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``FluxSingleTransformerBlock.forward`` with the negative text modulated by the negative's ``temb``."""
+    """``FluxSingleTransformerBlock.forward`` with the negative text modulated by the negative's ``temb``
+    (``fast``), or the official doubled-image single block (``official``)."""
     temb_neg = state.extras.get("temb_neg")
+    if state.config.mode == "official":
+        if joint_attention_kwargs:
+            raise NotImplementedError("mode='official' takes no joint_attention_kwargs")
+        return _single_block_official(block, state, hidden_states, encoder_hidden_states, temb,
+                                      temb if temb_neg is None else temb_neg, image_rotary_emb)
     if temb_neg is None:
         return original(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
     lp, ln = state.packing.lp, state.packing.ln
@@ -181,6 +237,7 @@ FLUX = register_adapter(Adapter(
     notes="FLUX.1 schnell/dev/Kontext: NAG on the image tokens of every double and single block; one image stream "
           "(fast mode), negative text modulated with the negative pooled embedding (official choice)",
     negative_keys=("pooled_projections",),
+    official_norm="l2",  # the official diffusers Flux processor uses the L2 norm
     prepare=_prepare,
     block_forwards={FluxTransformerBlock: _double_block, FluxSingleTransformerBlock: _single_block},
 ))

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, replace
 
 from .operator import NORMS, validate_params
 
+MODES = ("fast", "official")
+
 
 @dataclass(frozen=True)
 class NAGConfig:
@@ -22,7 +24,11 @@ class NAGConfig:
             official diffusers ``nag_end`` (NAG on while ``t ≥ (1 − nag_end)·1000``; UNet pipelines:
             ``t ≥ floor((1 − nag_end)·999)``) and, for flow-matching models whose sigma is ``t/1000``, ComfyUI's
             ``nag_sigma_end`` is ``1 − end``.
-        norm: ``"l1"`` (paper) or ``"l2"``.
+        norm: ``"l1"`` (paper) or ``"l2"`` (the official diffusers Flux processor; ``mode="official"`` picks it for
+            Flux unless a norm is given).
+        mode: ``"fast"`` (default: one image stream everywhere) or ``"official"`` (reproduce the official diffusers
+            code: on Flux, single blocks carry a second image copy under the negative's modulation). Only the Flux
+            family differs between the two.
     """
 
     scale: float = 5.0
@@ -31,6 +37,7 @@ class NAGConfig:
     start: float = 0.0
     end: float = 1.0
     norm: str = "l1"
+    mode: str = "fast"
 
     def __post_init__(self) -> None:
         for name in ("scale", "tau", "alpha", "start", "end"):
@@ -48,6 +55,8 @@ class NAGConfig:
             raise ValueError(f"start must be <= end, got start={self.start}, end={self.end}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
     @property
     def is_off(self) -> bool:

@@ -118,19 +118,24 @@ class Guide:
 
     def update(self, negative_prompt: NegativePrompt = None, *, negative: dict[str, Any] | None = None,
                scale: float | None = None, tau: float | None = None, alpha: float | None = None,
-               start: float | None = None, end: float | None = None, norm: str | None = None) -> Guide:
+               start: float | None = None, end: float | None = None, norm: str | None = None,
+               mode: str | None = None) -> Guide:
         """Change settings; they take effect on the next call. Arguments left as None keep their value.
 
         Args:
             negative_prompt: new NAG negative prompt (pipelines), a string or one string per prompt.
             negative: new precomputed negative (see :func:`nagkit.apply`).
-            scale, tau, alpha, start, end, norm: see :class:`nagkit.NAGConfig`.
+            scale, tau, alpha, start, end, norm, mode: see :class:`nagkit.NAGConfig`. Switching ``mode`` without a
+                ``norm`` also switches to that mode's norm.
 
         Returns:
             self.
         """
         self._require_installed()
-        config = self.state.config.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm)
+        if mode is not None and norm is None and mode != self.state.config.mode:
+            norm = _mode_norm(mode, self._denoisers[0][1])
+        config = self.state.config.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm,
+                                                mode=mode)
         if negative_prompt is not None and negative is not None:
             raise ValueError("give either negative_prompt or negative, not both")
         if negative is not None:
@@ -209,11 +214,7 @@ class Guide:
         self._installed = True
 
     def _pipeline_denoisers(self) -> list[torch.nn.Module]:
-        found = [getattr(self.target, name, None) for name in self.spec.denoisers]
-        found = [m for m in found if m is not None]
-        if not found:
-            raise TypeError(f"{type(self.target).__name__} has no denoiser ({', '.join(self.spec.denoisers)})")
-        return found
+        return pipeline_denoisers(self.target, self.spec)
 
     def _wrap_encode_prompt(self) -> None:
         pipe = self.target
@@ -336,6 +337,18 @@ class Guide:
             raise RuntimeError("this guide was removed; call nagkit.apply(...) again")
 
 
+def pipeline_denoisers(pipe: Any, spec: PipelineSpec) -> list[torch.nn.Module]:
+    """The denoisers of ``pipe`` that NAG guides (e.g. both Wan 2.2 experts)."""
+    found = [m for m in (getattr(pipe, name, None) for name in spec.denoisers) if m is not None]
+    if not found:
+        raise TypeError(f"{type(pipe).__name__} has no denoiser ({', '.join(spec.denoisers)})")
+    return found
+
+
+def _mode_norm(mode: str, adapter: Adapter) -> str:
+    return adapter.official_norm if mode == "official" else "l1"
+
+
 def _check_negative_prompt(negative_prompt: NegativePrompt) -> None:
     if negative_prompt is None or isinstance(negative_prompt, str):
         return
@@ -348,7 +361,7 @@ def _check_negative_prompt(negative_prompt: NegativePrompt) -> None:
 def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict[str, Any] | None = None,
           scale: float | None = None, tau: float | None = None, alpha: float | None = None,
           start: float | None = None, end: float | None = None, norm: str | None = None,
-          preset: str | None = None) -> Guide:
+          mode: str | None = None, preset: str | None = None) -> Guide:
     """Install Normalized Attention Guidance on a diffusers pipeline or denoiser.
 
     Args:
@@ -365,7 +378,8 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
         alpha: blend 0 ≤ α ≤ 1. Default: the family preset.
         start: schedule position (0..1) where NAG starts; default 0.
         end: schedule position (0..1) where NAG ends; default 1. Equals the official ``nag_end``.
-        norm: ``"l1"`` (default) or ``"l2"``.
+        norm: ``"l1"`` or ``"l2"``. Default: ``"l1"``; with ``mode="official"``, the official code's norm (L2 on Flux).
+        mode: ``"fast"`` (default) or ``"official"`` (reproduce the official diffusers outputs; Flux only differs).
         preset: name of a preset from :data:`nagkit.PRESETS` (default: the model family's).
 
     Returns:
@@ -383,12 +397,14 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
     if pipeline:
         spec = pipeline_spec(target)
         default_preset = spec.preset
+        family = adapter_for(pipeline_denoisers(target, spec)[0])
     else:
         if not isinstance(target, torch.nn.Module):
             raise TypeError(f"nagkit.apply takes a diffusers pipeline or denoiser, got {type(target).__name__}; "
                             f"supported pipelines: {', '.join(sorted(PIPELINES))}; supported denoisers: "
                             f"{', '.join(supported_models())}")
-        default_preset = adapter_for(target).preset
+        family = adapter_for(target)
+        default_preset = family.preset
         if negative_prompt is not None:
             raise ValueError(f"negative_prompt needs a pipeline to encode it; for a bare {type(target).__name__} "
                              "pass negative={'encoder_hidden_states': ...}")
@@ -396,7 +412,9 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
             raise ValueError(f"a bare {type(target).__name__} needs negative={{...}} (the negative's "
                              "encoder_hidden_states, and mask where the family has one)")
     base = get_preset(preset or default_preset)
-    config = base.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm)
+    if mode is not None and norm is None:
+        norm = _mode_norm(mode, family)
+    config = base.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm, mode=mode)
     guide = Guide(target, config, negative_prompt, negative)
     guide._install()
     return guide

@@ -739,6 +739,16 @@ def tiny_condition_image(height: int = 32, width: int = 32, seed: int = 0) -> Im
     return Image.fromarray(pixels.numpy(), mode="RGB")
 
 
+# The MM-DiT builders live in their own module; it imports the helpers above lazily, so this import has no cycle.
+from nagkit.tiny.mmdit import (  # noqa: E402
+    tiny_chroma_pipeline,
+    tiny_flux_dev_pipeline,
+    tiny_flux_kontext_pipeline,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd35_pipeline,
+)
+
 #: Builders by short name.
 TINY_PIPELINES: dict[str, Callable[..., DiffusionPipeline]] = {
     "tiny-sd15": tiny_sd15_pipeline,
@@ -748,6 +758,12 @@ TINY_PIPELINES: dict[str, Callable[..., DiffusionPipeline]] = {
     "tiny-wan-i2v": tiny_wan_i2v_pipeline,
     "tiny-pixart-sigma": tiny_pixart_sigma_pipeline,
     "tiny-sana": tiny_sana_pipeline,
+    "tiny-sd3": tiny_sd3_pipeline,
+    "tiny-sd35": tiny_sd35_pipeline,
+    "tiny-flux": tiny_flux_pipeline,
+    "tiny-flux-dev": tiny_flux_dev_pipeline,
+    "tiny-flux-kontext": tiny_flux_kontext_pipeline,
+    "tiny-chroma": tiny_chroma_pipeline,
 }
 
 #: Recommended small call kwargs per tiny pipeline (the Wan I2V pipeline additionally needs ``image=``).
@@ -765,4 +781,18 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
         "clean_caption": False,
     },
     "tiny-sana": {"height": 32, "width": 32, "use_resolution_binning": False, "max_sequence_length": 32},
+    # MM-DiT: T5 length 32 (CLIP stays 77; SD3's joint text is 77 + 32 tokens). Kontext: the output size comes from
+    # max_area, and _auto_resize=False keeps an `image=` at its own (tiny) size instead of a ~1 MP preferred one.
+    "tiny-sd3": {"height": 64, "width": 64, "max_sequence_length": 32},
+    "tiny-sd35": {"height": 64, "width": 64, "max_sequence_length": 32},
+    "tiny-flux": {"height": 64, "width": 64, "max_sequence_length": 32},
+    "tiny-flux-dev": {"height": 64, "width": 64, "max_sequence_length": 32},
+    "tiny-flux-kontext": {
+        "height": 64,
+        "width": 64,
+        "max_sequence_length": 32,
+        "max_area": 64 * 64,
+        "_auto_resize": False,
+    },
+    "tiny-chroma": {"height": 64, "width": 64, "max_sequence_length": 32},
 }

@@ -1,0 +1,284 @@
+"""Full-size denoiser families for the benchmarks: published configs (JSON files in ``configs/``), built on the meta
+device, and meta inputs of the shapes a real pipeline call would pass.
+
+Each JSON file holds the denoiser's ``config.json`` values (``config``), its diffusers class (``class``), the default
+geometry of a generation (resolution, frames, VAE factors, text tokens and width) and which modules are per-token text
+layers (``text_modules``: run again on the negative's tokens under NAG). No weights are ever loaded: models are built
+with ``__init__`` under ``torch.device("meta")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+import torch
+
+CONFIG_PACKAGE = "nagkit.bench.configs"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shapes of one denoiser call.
+
+    Attributes:
+        height, width: image size in pixels.
+        frames: video frames (None for image models).
+        vae_scale: spatial VAE downsampling factor.
+        vae_scale_t: temporal VAE factor (video), latent frames ``(frames − 1) // vae_scale_t + 1``.
+        patch: spatial patch size of the denoiser (1 for UNets).
+        latent_channels: channels of the denoiser's latent input (Wan I2V: 16 noise + 20 condition = 36).
+        text_tokens: prompt tokens (the pipeline's padded ``max_sequence_length``).
+        text_dim: text embedding width.
+        negative_tokens: NAG negative tokens (default: as many as the prompt).
+        batch: prompts per call (the conditional batch).
+        image_tokens: image-context tokens (Wan I2V CLIP tokens), 0 if none.
+        image_dim: width of the image-context embeddings.
+        pooled_dim: width of a pooled text embedding (SDXL ``text_embeds``, SD3/Flux ``pooled_projections``), or 0.
+        time_ids: SDXL ``time_ids`` length, or 0.
+        mask: the family takes a text padding mask (``encoder_attention_mask``).
+        text_encoder: name of the text encoder, for reports.
+    """
+
+    height: int
+    width: int
+    vae_scale: int
+    latent_channels: int
+    text_tokens: int
+    text_dim: int
+    frames: int | None = None
+    vae_scale_t: int | None = None
+    patch: int = 1
+    negative_tokens: int | None = None
+    batch: int = 1
+    image_tokens: int = 0
+    image_dim: int = 0
+    pooled_dim: int = 0
+    time_ids: int = 0
+    mask: bool = False
+    text_encoder: str = ""
+
+    @property
+    def negative_length(self) -> int:
+        """Number of negative tokens (the prompt's length unless set)."""
+        return self.negative_tokens if self.negative_tokens is not None else self.text_tokens
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """Latent height and width."""
+        return self.height // self.vae_scale, self.width // self.vae_scale
+
+    @property
+    def latent_frames(self) -> int | None:
+        """Latent frames of a video (None for images)."""
+        if self.frames is None:
+            return None
+        return (self.frames - 1) // (self.vae_scale_t or 1) + 1
+
+    @property
+    def image_query_tokens(self) -> int:
+        """Image (latent) tokens the denoiser's transformer blocks see at full resolution (after patching)."""
+        h, w = self.latent_hw
+        tokens = (h // self.patch) * (w // self.patch)
+        return tokens * (self.latent_frames or 1)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the resolution does not fit the VAE and patch factors."""
+        step = self.vae_scale * self.patch
+        if self.height % step or self.width % step:
+            raise ValueError(f"height and width must be multiples of {step} (VAE factor {self.vae_scale} x patch "
+                             f"{self.patch}), got {self.height}x{self.width}")
+        if self.frames is not None and self.vae_scale_t and (self.frames - 1) % self.vae_scale_t:
+            raise ValueError(f"frames must be 1 + a multiple of {self.vae_scale_t}, got {self.frames}")
+        if min(self.text_tokens, self.negative_length, self.batch) < 1:
+            raise ValueError("text tokens, negative tokens and batch must be >= 1")
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One benchmark family: a diffusers denoiser class, its published config and a default call geometry.
+
+    Attributes:
+        name: short name used by ``nagkit bench --family``.
+        title: human-readable name for reports.
+        source: where the config values come from.
+        model_class: name of the diffusers class.
+        attention: ``"cross"`` (text cross-attention) or ``"joint"`` (MM-DiT joint attention).
+        inputs: which input builder to use (``unet``, ``wan``, ``pixart``, ``sana``, ``sd3``, ``flux``).
+        config: keyword arguments of the class's ``__init__`` (the published ``config.json`` values).
+        geometry: default call geometry.
+        text_modules: dotted names of per-token text layers that NAG runs again on the negative's tokens.
+    """
+
+    name: str
+    title: str
+    source: str
+    model_class: str
+    attention: str
+    inputs: str
+    config: dict[str, Any]
+    geometry: Geometry
+    text_modules: tuple[str, ...] = field(default_factory=tuple)
+
+    def with_geometry(self, **changes: Any) -> FamilySpec:
+        """A copy with some geometry fields replaced (None values are ignored; ``frames`` only for video)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if self.geometry.frames is None:
+            changes.pop("frames", None)
+        return replace(self, geometry=replace(self.geometry, **changes))
+
+    @property
+    def is_video(self) -> bool:
+        """True for video families (a frame count)."""
+        return self.geometry.frames is not None
+
+
+def _spec_from_json(data: dict[str, Any]) -> FamilySpec:
+    geometry = Geometry(**data["geometry"])
+    return FamilySpec(name=data["name"], title=data["title"], source=data["source"], model_class=data["class"],
+                      attention=data["attention"], inputs=data["inputs"], config=dict(data["config"]),
+                      geometry=geometry, text_modules=tuple(data.get("text_modules", ())))
+
+
+def load_families() -> dict[str, FamilySpec]:
+    """All families shipped in ``nagkit/bench/configs``, in a fixed report order.
+
+    Returns:
+        ``{name: FamilySpec}``.
+    """
+    order = ["sd15", "sdxl", "wan21-t2v-14b", "wan21-i2v-14b", "pixart-sigma", "sana-1.6b", "sd35-large", "flux1-dev"]
+    specs = {}
+    for entry in resources.files(CONFIG_PACKAGE).iterdir():
+        if entry.name.endswith(".json"):
+            spec = _spec_from_json(json.loads(entry.read_text(encoding="utf-8")))
+            specs[spec.name] = spec
+    ranked = sorted(specs, key=lambda n: (order.index(n) if n in order else len(order), n))
+    return {name: specs[name] for name in ranked}
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def build_model(spec: FamilySpec, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Instantiate the family's denoiser on the meta device (no memory, no weights) in ``dtype``, in eval mode.
+
+    ``from_config`` runs the class's ``__init__`` under ``torch.device("meta")``; config keys that this diffusers
+    version does not take (e.g. PixArt's ``double_self_attention``) are ignored as when loading the published model.
+
+    Args:
+        spec: the family.
+        dtype: parameter dtype (bf16 as deployed; FLOP counts do not depend on it).
+
+    Returns:
+        The meta-device model.
+    """
+    import diffusers
+
+    cls = getattr(diffusers, spec.model_class)
+    with _quiet_diffusers(), torch.device("meta"):
+        model = cls.from_config(spec.config)  # ignores keys a class version does not take
+        model = model.to(dtype)
+    return model.eval()
+
+
+def _meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+@dataclass
+class Inputs:
+    """Meta inputs of one denoiser call.
+
+    Attributes:
+        kwargs: keyword arguments of the denoiser's forward (the prompt's text under ``text_arg``).
+        text_arg: the argument holding the text embeddings.
+        mask_arg: the argument holding the text padding mask, or None.
+        negative: the negative's counterparts for ``nagkit.apply(model, negative=...)``.
+    """
+
+    kwargs: dict[str, Any]
+    text_arg: str = "encoder_hidden_states"
+    mask_arg: str | None = None
+    negative: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def with_text(self, text: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+        """The forward kwargs with the text (and mask) replaced, e.g. by a packed ``[positive | negative]`` text."""
+        kwargs = dict(self.kwargs)
+        kwargs[self.text_arg] = text
+        if self.mask_arg is not None and mask is not None:
+            kwargs[self.mask_arg] = mask
+        return kwargs
+
+
+def build_inputs(spec: FamilySpec, batch: int | None = None, dtype: torch.dtype = torch.bfloat16) -> Inputs:
+    """Meta inputs for one call of the family's denoiser, and the matching negative text.
+
+    Args:
+        spec: the family (its geometry gives every shape).
+        batch: rows of the call (default: ``spec.geometry.batch``); CFG calls pass twice the prompt batch.
+        dtype: dtype of the float inputs.
+
+    Returns:
+        :class:`Inputs` for ``model(**inputs.kwargs)``.
+    """
+    g = spec.geometry
+    g.validate()
+    b = batch or g.batch
+    h, w = g.latent_hw
+    text = _meta(b, g.text_tokens, g.text_dim, dtype=dtype)
+    negative = {"encoder_hidden_states": _meta(g.batch, g.negative_length, g.text_dim, dtype=dtype)}
+    timestep = _meta(b, dtype=torch.float32)
+    kind = spec.inputs
+    if kind == "unet":
+        kwargs: dict[str, Any] = {"sample": _meta(b, g.latent_channels, h, w, dtype=dtype), "timestep": timestep,
+                                  "encoder_hidden_states": text}
+        if g.pooled_dim:
+            kwargs["added_cond_kwargs"] = {"text_embeds": _meta(b, g.pooled_dim, dtype=dtype),
+                                           "time_ids": _meta(b, g.time_ids, dtype=dtype)}
+        return Inputs(kwargs=kwargs, mask_arg="encoder_attention_mask", negative=negative)
+    if kind == "wan":
+        kwargs = {"hidden_states": _meta(b, g.latent_channels, g.latent_frames or 1, h, w, dtype=dtype),
+                  "timestep": timestep, "encoder_hidden_states": text}
+        if g.image_tokens:
+            kwargs["encoder_hidden_states_image"] = _meta(b, g.image_tokens, g.image_dim, dtype=dtype)
+        return Inputs(kwargs=kwargs, negative=negative)
+    if kind in ("pixart", "sana"):
+        kwargs = {"hidden_states": _meta(b, g.latent_channels, h, w, dtype=dtype), "timestep": timestep,
+                  "encoder_hidden_states": text}
+        if kind == "pixart":
+            kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        if g.mask:
+            kwargs["encoder_attention_mask"] = _meta(b, g.text_tokens, dtype=torch.long)
+            negative["encoder_attention_mask"] = _meta(g.batch, g.negative_length, dtype=torch.long)
+        return Inputs(kwargs=kwargs, mask_arg="encoder_attention_mask", negative=negative)
+    if kind == "sd3":
+        kwargs = {"hidden_states": _meta(b, g.latent_channels, h, w, dtype=dtype), "timestep": timestep,
+                  "encoder_hidden_states": text, "pooled_projections": _meta(b, g.pooled_dim, dtype=dtype)}
+        return Inputs(kwargs=kwargs, negative=negative)
+    if kind == "flux":
+        ph, pw = h // g.patch, w // g.patch
+        kwargs = {"hidden_states": _meta(b, ph * pw, g.latent_channels * g.patch * g.patch, dtype=dtype),
+                  "timestep": timestep, "encoder_hidden_states": text,
+                  "pooled_projections": _meta(b, g.pooled_dim, dtype=dtype),
+                  "img_ids": _meta(ph * pw, 3, dtype=dtype), "txt_ids": _meta(g.text_tokens, 3, dtype=dtype),
+                  "guidance": _meta(b, dtype=torch.float32)}
+        return Inputs(kwargs=kwargs, negative=negative)
+    raise ValueError(f"unknown input builder {kind!r} for family {spec.name}")
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Number of parameters (works on meta tensors)."""
+    return sum(p.numel() for p in model.parameters())

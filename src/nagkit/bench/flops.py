@@ -1,0 +1,327 @@
+"""FLOP mode of ``nagkit bench``: exact FLOPs of negative guidance on full-size denoisers, without weights.
+
+Every variant is one or more denoiser forwards of a meta-device model (bf16) counted with
+``torch.utils.flop_counter.FlopCounterMode``. Only matmuls, convolutions and attention are counted (elementwise work —
+norms, softmax, the NAG combination — is invisible to the counter and is O(L·C), negligible next to O(L·C²)).
+
+Variants (``B`` = prompts per call):
+
+* ``none``: one conditional forward, batch B (the base every overhead is relative to);
+* ``cfg``: classifier-free guidance, one forward of batch 2B (unconditional + conditional);
+* ``nag``: nagkit's NAG, ``nagkit.apply(model, negative={...})``, one forward of batch B;
+* ``nag+cfg``: NAG on the conditional branch of CFG, counted as two separate forwards: the unconditional rows plain
+  (``none``) plus the conditional rows guided (``nag``) — nagkit's batched ``[uncond, cond]`` path also carries the
+  negative's K/V projections on the unconditional rows (zero tokens), which this count leaves out;
+* ``official``: the official implementation's computation, on the in-repo reference
+  (:mod:`nagkit.bench.reference`): image queries tiled for the negative text batch;
+* ``min``: the analytic minimum of any NAG implementation: the negative's per-token text layers, and in every
+  text cross-attention the negative's key/value projections plus the image-query × negative-key attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
+
+from .families import FamilySpec, Inputs, build_inputs, build_model, parameter_count
+from .reference import OfficialLayout, official_processors, text_cross_attention_modules
+
+VARIANTS = ("none", "cfg", "nag", "nag+cfg", "official", "min")
+NOT_SUPPORTED = "NAG: not supported yet"
+
+
+def ensure_cpu_attention_formula() -> None:
+    """Register a FLOP formula for ``aten._scaled_dot_product_flash_attention_for_cpu`` (torch has none).
+
+    ``F.scaled_dot_product_attention`` on the meta device decomposes into two ``bmm`` (counted), but the CPU flash
+    kernel — which real CPU tensors use, and which nagkit's LSE attention calls explicitly, on meta too — counts 0
+    without a formula. Registering it counts that kernel once as ``4·B·H·Lq·Lk·D``; the decomposed path never calls
+    it, so no attention is counted twice (:func:`attention_count_check` verifies both paths). Idempotent.
+    """
+    target = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if target in flop_registry:
+        return
+
+    @register_flop_formula(target)
+    def _cpu_flash_flop(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                        **kwargs: Any) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of ``fn()`` (run under ``torch.no_grad``).
+
+    Args:
+        fn: the computation, typically a denoiser forward on meta tensors.
+
+    Returns:
+        Total FLOPs (a multiply-add counts 2).
+    """
+    ensure_cpu_attention_formula()
+    counter = FlopCounterMode(display=False, depth=None)
+    with counter, torch.no_grad():
+        fn()
+    return int(counter.get_total_flops())
+
+
+def attention_count_check(device: str = "meta") -> tuple[int, int]:
+    """Count one SDPA call (with a mask) on ``device`` and return ``(counted, expected)`` with the exact formula.
+
+    Args:
+        device: ``"meta"`` (decomposed math path) or ``"cpu"`` (the CPU flash kernel).
+
+    Returns:
+        ``(counted FLOPs, 4·B·H·Lq·Lk·D)``; equal when attention is counted exactly once.
+    """
+    b, h, lq, lk, d = 2, 3, 16, 8, 4
+    q = torch.zeros(b, h, lq, d, device=device)
+    k = torch.zeros(b, h, lk, d, device=device)
+    mask = torch.zeros(b, 1, lq, lk, device=device)
+    flops = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=mask))
+    return flops, 4 * b * h * lq * lk * d
+
+
+@dataclass
+class VariantResult:
+    """One variant of one family.
+
+    Attributes:
+        flops: FLOPs of the variant (None when not available).
+        overhead: ``flops / none − 1`` (None when not available).
+        note: why it is missing, or how it was counted.
+    """
+
+    flops: int | None = None
+    overhead: float | None = None
+    note: str = ""
+
+
+@dataclass
+class FamilyResult:
+    """Everything measured for one family.
+
+    Attributes:
+        family: short name.
+        title: report name.
+        model_class: diffusers class.
+        attention: ``cross`` or ``joint``.
+        params: parameter count.
+        geometry: the call geometry (resolution, frames, tokens, batch).
+        variants: ``{variant: VariantResult}`` for :data:`VARIANTS`.
+        nag_supported: whether ``nagkit.apply`` accepts the denoiser.
+        nag_minus_min: nagkit's overhead minus the analytic minimum, as a fraction of ``none`` (None if unknown).
+        min_check: the minimum measured as one forward with the negative tokens appended to the prompt's
+            (cross-attention only; equals the analytic minimum when both are right), as a fraction of ``none``.
+        notes: remarks for the report.
+        seconds: wall time of the counting.
+    """
+
+    family: str
+    title: str
+    model_class: str
+    attention: str
+    params: int
+    geometry: dict[str, Any]
+    variants: dict[str, VariantResult] = field(default_factory=dict)
+    nag_supported: bool = False
+    nag_minus_min: float | None = None
+    min_check: float | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def base_flops(self) -> int:
+        """FLOPs of the ``none`` variant."""
+        return int(self.variants["none"].flops or 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (FLOPs as integers, overheads as fractions)."""
+        data = asdict(self)
+        data["base_tflops"] = self.base_flops / 1e12
+        return data
+
+
+@dataclass
+class _AttnShape:
+    lq: int
+    c_ctx: int
+    k_out: int
+    v_out: int
+
+
+@contextlib.contextmanager
+def _record_cross_attention(model: torch.nn.Module) -> Iterator[dict[str, _AttnShape]]:
+    """Record the image-query length of every text cross-attention during a forward."""
+    shapes: dict[str, _AttnShape] = {}
+    handles = []
+    for name, module in text_cross_attention_modules(model).items():
+        def hook(mod: torch.nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            lq = hidden.shape[1] if hidden.ndim == 3 else hidden.shape[-1] * hidden.shape[-2]
+            shapes[name] = _AttnShape(lq=int(lq), c_ctx=mod.to_k.in_features, k_out=mod.to_k.out_features,
+                                      v_out=mod.to_v.out_features)
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield shapes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def analytic_minimum(model: torch.nn.Module, spec: FamilySpec, shapes: dict[str, _AttnShape]) -> int:
+    """The least extra work any NAG implementation does for a cross-attention family, in FLOPs.
+
+    For every guided row: the per-token text layers on the negative's ``Ln`` tokens (``spec.text_modules``, counted
+    by running them on a meta tensor), and in each text cross-attention the negative's key/value projections
+    ``2·Ln·C_ctx·(C_k + C_v)`` plus the image-query × negative-key attention ``2·Lq·Ln·(C_k + C_v)``.
+
+    Args:
+        model: the meta model.
+        spec: the family (geometry and text modules).
+        shapes: per-module query lengths recorded during the base forward.
+
+    Returns:
+        Extra FLOPs over the base forward.
+    """
+    g = spec.geometry
+    rows, ln = g.batch, g.negative_length
+    total = 0
+    for name in spec.text_modules:
+        module = model.get_submodule(name)
+        x = torch.empty(rows, ln, g.text_dim, device="meta", dtype=next(module.parameters()).dtype)
+        total += count_flops(lambda module=module, x=x: module(x))
+    for shape in shapes.values():
+        total += rows * 2 * ln * (shape.k_out + shape.v_out) * (shape.c_ctx + shape.lq)
+    return total
+
+
+def _packed(inputs: Inputs, spec: FamilySpec) -> dict[str, Any]:
+    """Forward kwargs with the negative appended to the prompt's text (and mask)."""
+    text = inputs.kwargs[inputs.text_arg]
+    neg = inputs.negative["encoder_hidden_states"].expand(text.shape[0], -1, -1)
+    mask = None
+    if inputs.mask_arg is not None and inputs.mask_arg in inputs.kwargs:
+        neg_mask = inputs.negative[inputs.mask_arg].expand(text.shape[0], -1)
+        mask = torch.cat([inputs.kwargs[inputs.mask_arg], neg_mask], dim=1)
+    return inputs.with_text(torch.cat([text, neg], dim=1), mask)
+
+
+def _try_apply(model: torch.nn.Module, negative: dict[str, torch.Tensor]) -> tuple[Any | None, str]:
+    import nagkit
+
+    try:
+        return nagkit.apply(model, negative=negative), ""
+    except (TypeError, NotImplementedError) as err:
+        return None, str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) -> FamilyResult:
+    """Count every variant of one family.
+
+    Args:
+        spec: the family and its geometry (batch, negative length included).
+        progress: optional callback receiving one line per counted variant.
+
+    Returns:
+        The :class:`FamilyResult`.
+    """
+    say = progress or (lambda _line: None)
+    started = time.perf_counter()
+    g = spec.geometry
+    g.validate()
+    model = build_model(spec)
+    inputs = build_inputs(spec)
+    geometry = {"height": g.height, "width": g.width, "frames": g.frames, "latent_frames": g.latent_frames,
+                "image_tokens": g.image_query_tokens, "text_tokens": g.text_tokens,
+                "negative_tokens": g.negative_length, "image_context_tokens": g.image_tokens, "batch": g.batch,
+                "text_encoder": g.text_encoder}
+    result = FamilyResult(family=spec.name, title=spec.title, model_class=spec.model_class, attention=spec.attention,
+                          params=parameter_count(model), geometry=geometry)
+    variants = result.variants
+
+    def record(name: str, flops: int | None, note: str = "") -> None:
+        base = variants["none"].flops if "none" in variants else flops
+        overhead = None if flops is None or not base else flops / base - 1
+        variants[name] = VariantResult(flops=flops, overhead=overhead, note=note)
+        if flops is not None:
+            say(f"  {spec.name:<15} {name:<9} {flops / 1e12:12.4f} TFLOPs")
+        else:
+            say(f"  {spec.name:<15} {name:<9} {note}")
+
+    cross = spec.attention == "cross"
+    with _record_cross_attention(model) as shapes:
+        record("none", count_flops(lambda: model(**inputs.kwargs)))
+    cfg_inputs = build_inputs(spec, batch=2 * g.batch)
+    record("cfg", count_flops(lambda: model(**cfg_inputs.kwargs)), "one forward of batch 2B")
+
+    guide, reason = _try_apply(model, inputs.negative)
+    result.nag_supported = guide is not None
+    if guide is not None:
+        try:
+            nag = count_flops(lambda: model(**inputs.kwargs))
+            calls = dict(guide.state.calls)
+        finally:
+            guide.remove()
+        if calls.get("guided", 0) != 1:
+            raise RuntimeError(f"{spec.name}: the nag forward was not guided ({calls})")
+        record("nag", nag, "nagkit.apply(model, negative=...)")
+        record("nag+cfg", variants["none"].flops + nag, "two forwards: uncond plain + cond guided")
+    else:
+        record("nag", None, NOT_SUPPORTED)
+        record("nag+cfg", None, NOT_SUPPORTED)
+        result.notes.append(f"{NOT_SUPPORTED} ({reason})")
+
+    if cross:
+        layout = OfficialLayout(lp=g.text_tokens, ln=g.negative_length, image_tokens=g.image_tokens)
+        packed = _packed(inputs, spec)
+        with official_processors(model, layout):
+            record("official", count_flops(lambda: model(**packed)), "in-repo reference: tiled image queries")
+        minimum = analytic_minimum(model, spec, shapes)
+        record("min", variants["none"].flops + minimum, "analytic")
+        check = count_flops(lambda: model(**packed)) - variants["none"].flops
+        result.min_check = check / variants["none"].flops
+        if check != minimum:
+            result.notes.append(f"analytic minimum {minimum} != measured concatenated-text check {check}")
+    else:
+        record("official", None, "joint attention: no official-style reference yet")
+        record("min", None, "joint attention: analytic minimum not modelled yet")
+
+    if variants["nag"].overhead is not None and variants["min"].overhead is not None:
+        result.nag_minus_min = variants["nag"].overhead - variants["min"].overhead
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def run_flops(specs: list[FamilySpec], progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run FLOP mode on several families.
+
+    Args:
+        specs: the families (with their geometry already adjusted).
+        progress: optional callback receiving progress lines.
+
+    Returns:
+        A JSON-ready report: ``{"mode", "versions", "families": [FamilyResult.to_dict()...], "seconds"}``.
+    """
+    import diffusers
+
+    import nagkit
+
+    started = time.perf_counter()
+    results = []
+    for spec in specs:
+        if progress:
+            progress(f"{spec.title} ({spec.model_class}) ...")
+        results.append(run_family(spec, progress))
+    return {
+        "mode": "flops",
+        "versions": {"nagkit": nagkit.__version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
+        "families": [r.to_dict() for r in results],
+        "seconds": time.perf_counter() - started,
+    }
