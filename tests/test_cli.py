@@ -17,7 +17,8 @@ def test_generate_images_with_sidecar(tmp_path, capsys):
     files = [tmp_path / "cat_0.png", tmp_path / "cat_1.png"]
     assert all(Image.open(f).size == (64, 64) for f in files)
     meta = json.loads((tmp_path / "cat.json").read_text())
-    assert meta["nag"] == {"scale": 4.0, "tau": 2.5, "alpha": 0.5, "start": 0.0, "end": 0.5, "norm": "l1"}
+    assert meta["nag"] == {"scale": 4.0, "tau": 2.5, "alpha": 0.5, "start": 0.0, "end": 0.5, "norm": "l1",
+                           "mode": "fast"}
     assert meta["negative"] == "blurry" and meta["seed"] == 3 and meta["batch"] == 2
     assert meta["pipeline"] == "StableDiffusionXLPipeline" and set(meta["versions"]) >= {"nagkit", "diffusers"}
     assert meta["files"] == [str(f) for f in files]
@@ -54,10 +55,10 @@ def test_info(tmp_path, capsys):
     folder = tmp_path / "flux"
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+        "_class_name": "QwenImagePipeline", "transformer": ["diffusers", "QwenImageTransformer2DModel"]}))
     assert main(["info", str(folder)]) == 1
     out = capsys.readouterr().out
-    assert "not supported: FluxPipeline is not a supported pipeline" in out and "StableDiffusionXLPipeline" in out
+    assert "not supported: QwenImagePipeline is not a supported pipeline" in out and "StableDiffusionXLPipeline" in out
 
 
 @pytest.mark.parametrize("argv,message", [

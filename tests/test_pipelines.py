@@ -9,8 +9,11 @@ import nagkit
 from nagkit.adapters import NAGProcessor
 from nagkit.tiny.pipelines import TINY_CALL_KWARGS, TINY_PIPELINES, tiny_condition_image
 
-ALL = ["tiny-sd15", "tiny-sdxl", "tiny-wan", "tiny-wan22", "tiny-wan-i2v", "tiny-pixart-sigma", "tiny-sana"]
-BATCHED_CFG = {"tiny-sd15", "tiny-sdxl", "tiny-pixart-sigma", "tiny-sana"}  # [uncond, cond] in one denoiser call
+ALL = ["tiny-sd15", "tiny-sdxl", "tiny-wan", "tiny-wan22", "tiny-wan-i2v", "tiny-pixart-sigma", "tiny-sana",
+       "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-flux-dev", "tiny-flux-kontext"]
+# [uncond, cond] in one denoiser call; the others (Wan, Flux true CFG) make separate cond / uncond calls
+BATCHED_CFG = {"tiny-sd15", "tiny-sdxl", "tiny-pixart-sigma", "tiny-sana", "tiny-sd3", "tiny-sd35"}
+FLUX = {"tiny-flux", "tiny-flux-dev", "tiny-flux-kontext"}
 PROMPT, NEGATIVE = "a red cat sitting on a table", "blurry low quality"
 
 
@@ -20,9 +23,13 @@ def tiny(request):
 
 
 def generate(name, pipe, prompt=PROMPT, seeds=(0,), steps=2, guidance=1.0, **kwargs):
-    call = dict(TINY_CALL_KWARGS[name], num_inference_steps=steps, guidance_scale=guidance, output_type="latent")
+    """``guidance`` is the pipeline's CFG scale (Flux: ``true_cfg_scale``; its ``guidance_scale`` stays default)."""
+    call = dict(TINY_CALL_KWARGS[name], num_inference_steps=steps, output_type="latent")
+    call["true_cfg_scale" if name in FLUX else "guidance_scale"] = guidance
     if name == "tiny-wan-i2v":
         call["image"] = tiny_condition_image()
+    if name == "tiny-flux-kontext":
+        call["image"] = tiny_condition_image(64, 64)
     call.update(kwargs)
     generator = [torch.Generator().manual_seed(s) for s in seeds]
     return pipe(prompt=prompt, generator=generator, **call)[0]
@@ -41,7 +48,7 @@ def test_guides_and_removes_without_a_trace(tiny):
     name, pipe = tiny
     base = generate(name, pipe)
     before = processor_map(pipe)
-    guide = nagkit.apply(pipe, negative_prompt=NEGATIVE, scale=5.0, tau=2.5, alpha=0.5)
+    guide = nagkit.apply(pipe, negative_prompt=NEGATIVE, scale=5.0, tau=2.5, alpha=0.5, end=1.0)
     assert "encode_prompt" in pipe.__dict__
     guided = generate(name, pipe)
     assert guide.state.calls["guided"] >= 2
@@ -60,7 +67,7 @@ def test_identities(tiny):
     name, pipe = tiny
     extra = {"complex_human_instruction": None} if name == "tiny-sana" else {}
     base = generate(name, pipe, **extra)
-    with nagkit.apply(pipe, negative_prompt=NEGATIVE, scale=1.0) as guide:
+    with nagkit.apply(pipe, negative_prompt=NEGATIVE, scale=1.0, end=1.0) as guide:
         assert torch.equal(generate(name, pipe, **extra), base)
         guide.update(scale=5.0, alpha=0.0)
         assert torch.equal(generate(name, pipe, **extra), base)
@@ -81,7 +88,7 @@ def test_cfg_guides_only_the_conditional_branch(tiny):
         base_final = generate(name, pipe, guidance=3.0, negative_prompt="ugly")
         base = list(outputs)
         outputs.clear()
-        with nagkit.apply(pipe, negative_prompt=NEGATIVE, scale=5.0, alpha=0.5) as guide:
+        with nagkit.apply(pipe, negative_prompt=NEGATIVE, scale=5.0, alpha=0.5, end=1.0) as guide:
             final = generate(name, pipe, guidance=3.0, negative_prompt="ugly")
             calls = dict(guide.state.calls)
     finally:
@@ -93,7 +100,7 @@ def test_cfg_guides_only_the_conditional_branch(tiny):
         torch.testing.assert_close(outputs[0][:b], base[0][:b], atol=1e-6, rtol=1e-6)
         assert (outputs[0][b:] - base[0][b:]).abs().max() > 1e-4
         assert guide.state.last_packing.rows == slice(b, 2 * b)
-    else:  # Wan: separate cond / uncond calls; the uncond call is not touched at all
+    else:  # Wan, Flux: separate cond / uncond calls; the uncond call is not touched at all
         assert torch.equal(outputs[1], base[1])
         assert (outputs[0] - base[0]).abs().max() > 1e-4
         assert calls == {"guided": 2, "unguided": 2}

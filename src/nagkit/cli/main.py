@@ -229,7 +229,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.dtype, args.device, args.offload)
     try:
         guide = apply(pipe, negative_prompt=args.negative, scale=args.nag_scale, tau=args.nag_tau,
-                      alpha=args.nag_alpha, start=args.start, end=args.end, preset=args.preset)
+                      alpha=args.nag_alpha, start=args.start, end=args.end, preset=args.preset, mode=args.mode,
+                      norm=args.nag_norm)
     except (TypeError, ValueError, KeyError, NotImplementedError) as err:
         raise CLIError(str(err).strip("'\"")) from None
     kwargs = _call_kwargs(pipe, args)
@@ -255,6 +256,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``nagkit bench``: exact FLOP overhead of negative guidance on full-size configs (meta device, no weights).
+
+    Args:
+        args: parsed ``bench`` arguments.
+
+    Returns:
+        The exit status (0).
+    """
+    from ..bench import load_families, run_flops
+    from ..bench.report import render_terminal, write_json, write_markdown
+
+    if args.mode != "flops":
+        raise CLIError("time mode is not implemented yet; use --mode flops (see docs/benchmarks.md)")
+    families = load_families()
+    names = args.family or list(families)
+    unknown = [n for n in names if n not in families]
+    if unknown:
+        raise CLIError(f"unknown family {', '.join(unknown)}; choose from {', '.join(families)}")
+    if args.negative_length is not None and args.negative_length < 1:
+        raise CLIError("--negative-length must be >= 1")
+    specs = []
+    for name in names:
+        spec = families[name].with_geometry(height=args.height, width=args.width, frames=args.frames,
+                                            negative_tokens=args.negative_length, batch=args.batch)
+        try:
+            spec.geometry.validate()
+        except ValueError as err:
+            raise CLIError(f"{name}: {err}") from None
+        specs.append(spec)
+    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    report = run_flops(specs, progress)
+    print(render_terminal(report))
+    if args.json:
+        print(write_json(report, args.json))
+    if args.markdown:
+        page, chart = write_markdown(report, args.markdown)
+        print(page)
+        if chart is None:
+            print("matplotlib is not installed: the page has no chart (pip install 'nagkit[bench]')", file=sys.stderr)
+        else:
+            print(chart)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nagkit", description="Normalized Attention Guidance for diffusers.")
@@ -269,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--nag-tau", type=float, default=None, help="norm cap tau > 0")
     gen.add_argument("--nag-alpha", type=float, default=None, help="blend alpha in [0, 1]")
     gen.add_argument("--preset", default=None, help="preset name (default: the model family's)")
+    gen.add_argument("--mode", default=None, choices=("fast", "official"),
+                     help="fast (default): one image stream; official: the official code's outputs (Flux differs)")
+    gen.add_argument("--nag-norm", default=None, choices=("l1", "l2"), help="norm of the cap (default by mode)")
     gen.add_argument("--start", type=float, default=None, help="schedule position where NAG starts (0..1)")
     gen.add_argument("--end", type=float, default=None, help="schedule position where NAG ends (0..1, = nag_end)")
     gen.add_argument("--steps", type=int, default=4)
@@ -290,6 +340,24 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="hub id, local path, or a built-in tiny model")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="exact FLOP overhead of NAG/CFG on full-size models (no weights needed)")
+    bench.add_argument("--mode", default="flops", choices=("flops", "time"),
+                       help="flops (exact counts on the meta device); time is not implemented yet")
+    bench.add_argument("--family", action="append", default=None,
+                       help="family to benchmark (repeatable; default: all): sd15, sdxl, wan21-t2v-14b, "
+                            "wan21-i2v-14b, pixart-sigma, sana-1.6b, sd35-large, flux1-dev")
+    bench.add_argument("--height", type=int, default=None, help="image height (default: the family's)")
+    bench.add_argument("--width", type=int, default=None, help="image width (default: the family's)")
+    bench.add_argument("--frames", type=int, default=None, help="video frames (video families only)")
+    bench.add_argument("--negative-length", type=int, default=None,
+                       help="negative text tokens (default: as many as the prompt)")
+    bench.add_argument("--batch", type=int, default=1, help="prompts per call (CFG doubles it)")
+    bench.add_argument("--json", default=None, metavar="PATH", help="write the full results as JSON")
+    bench.add_argument("--markdown", default=None, metavar="PATH",
+                       help="write a Markdown page (and PATH_STEM_flops.png), e.g. docs/benchmarks.md")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -69,6 +69,11 @@ def _in_window(config: NAGConfig, t: Any, adapter: Adapter) -> bool:
 
 
 @torch.compiler.disable
+def _same(text: torch.Tensor, positive: torch.Tensor) -> bool:
+    return text.shape == positive.shape and torch.equal(text, positive.to(device=text.device, dtype=text.dtype))
+
+
+@torch.compiler.disable
 def _conditional_half(text: torch.Tensor, positive: torch.Tensor | None, rows: int) -> slice:
     """Rows of a batched-CFG call that hold the prompt: the half equal to the prompt embeddings.
 
@@ -99,6 +104,7 @@ class Guide:
         self._negative_input = negative
         self._fixed: _Negative | None = None
         self._call: _Negative | None = None
+        self._call_started = False  # a denoiser ran since the negative was encoded (a new pipeline call begins)
         self._denoisers: list[tuple[torch.nn.Module, Adapter]] = []
         self._processors: list[tuple[torch.nn.Module, Any]] = []
         self._hooks: list[tuple[torch.nn.Module, dict[str, Any]]] = []
@@ -232,6 +238,9 @@ class Guide:
 
     # ------------------------------------------------------------------ per call
     def _begin_call(self, encode: Any, arguments: dict[str, Any], out: tuple) -> None:
+        if self._call is not None and not self._call_started:
+            return  # a second encode before any denoising: the pipeline encoding its CFG negative (Flux true CFG)
+        self._call_started = False
         spec = self.spec
         positive = out[spec.embeds_index]
         rows = positive.shape[0]
@@ -261,6 +270,7 @@ class Guide:
 
     def _end_call(self) -> None:
         self._call = None
+        self._call_started = False
 
     def _current_negative(self) -> _Negative | None:
         if self.spec is not None:
@@ -271,9 +281,13 @@ class Guide:
             return self._call
         return self._fixed
 
-    def _plan(self, adapter: Adapter, access: ArgAccess, args: tuple, kwargs: dict, module: torch.nn.Module
-              ) -> tuple[tuple, dict, Packing] | None:
-        """Guided-call inputs (packed text, mask) and layout, or None for a plain call."""
+    def _plan(self, adapter: Adapter, access: ArgAccess, args: tuple, kwargs: dict, module: torch.nn.Module,
+              named: bool = False) -> tuple[tuple, dict, Packing] | None:
+        """Guided-call inputs (packed text, mask) and layout, or None for a plain call.
+
+        ``named``: the pipeline named this call through ``cache_context`` (then "uncond" calls never get here);
+        otherwise a pipeline call whose text is not the prompt's is its separate unconditional call.
+        """
         config = self.state.config
         if config.is_off:
             return None
@@ -295,6 +309,8 @@ class Guide:
                              f"{text.shape[-1]}")
         if batch == r:
             rows = slice(0, batch)
+            if not named and negative.positive is not None and not _same(text, negative.positive):
+                return None  # a separate unconditional call (e.g. Kontext/Chroma true CFG), never guided
         elif r == 1 and self.spec is None:
             rows = slice(0, batch)
             embeds = embeds.expand(batch, -1, -1)

@@ -64,7 +64,9 @@ class NAGDenoiserHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         context = self.cache_context._context
         name = context.name if context is not None else None
-        plan = None if name in UNCOND_CONTEXTS else self.guide._plan(self.adapter, self.access, args, kwargs, module)
+        self.guide._call_started = True
+        plan = None if name in UNCOND_CONTEXTS else self.guide._plan(self.adapter, self.access, args, kwargs, module,
+                                                                     named=name is not None)
         state = self.guide.state
         if plan is None:
             state.calls["unguided"] += 1
