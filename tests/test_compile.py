@@ -22,3 +22,27 @@ def test_compiled_denoiser_fullgraph_matches_eager():
         assert guide.state.calls["guided"] == 2
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_regional_compile_of_flux_blocks_fullgraph():
+    pipe = TINY_PIPELINES["tiny-flux"](seed=0)
+    model = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    li, lt, dim = 16, 6, model.config.joint_attention_dim
+    inputs = dict(hidden_states=torch.randn(1, li, model.config.in_channels, generator=g),
+                  encoder_hidden_states=torch.randn(1, lt, dim, generator=g),
+                  pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g),
+                  timestep=torch.tensor([0.6]), img_ids=torch.randn(li, 3, generator=g), txt_ids=torch.zeros(lt, 3),
+                  return_dict=False)
+    negative = {"encoder_hidden_states": torch.randn(1, 4, dim, generator=g),
+                "pooled_projections": torch.randn(1, model.config.pooled_projection_dim, generator=g)}
+    with torch.no_grad(), nagkit.apply(model, negative=negative, scale=5.0, alpha=0.5):
+        eager = model(**inputs)[0]
+        model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        try:
+            compiled = model(**inputs)[0]
+        finally:
+            for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+                block._compiled_call_impl = None
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()

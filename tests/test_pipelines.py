@@ -334,3 +334,32 @@ def test_negative_is_encoded_with_the_calls_settings():
     assert negative["negative_prompt"] is None and negative["prompt_embeds"] is None
     for key in ("clip_skip", "num_images_per_prompt", "lora_scale", "device"):
         assert negative[key] == call[key], key
+
+
+def test_short_negative():
+    name = "tiny-flux"
+    pipe = TINY_PIPELINES[name](seed=0)
+    with nagkit.apply(pipe, negative_prompt="dark", scale=5.0) as guide:
+        full = generate(name, pipe)
+        assert guide.state.last_packing.ln == TINY_CALL_KWARGS[name]["max_sequence_length"]
+    with nagkit.apply(pipe, negative_prompt="dark", scale=5.0, negative_max_length=8) as guide:
+        short = generate(name, pipe)
+        assert guide.state.last_packing.ln == 8
+    assert not torch.equal(short, full)  # T5 padding tokens are keys too on Flux (no text mask)
+    with pytest.raises(ValueError, match="negative_max_length must be a positive int"):
+        nagkit.apply(pipe, negative_prompt="dark", negative_max_length=0)
+    sd = TINY_PIPELINES["tiny-sd15"](seed=0)
+    with nagkit.apply(sd, negative_prompt="dark", negative_max_length=8):
+        with pytest.raises(ValueError, match="negative_max_length needs a pipeline"):
+            generate("tiny-sd15", sd)
+
+
+def test_ip_adapter_processors_get_a_clear_error():
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    pipe = TINY_PIPELINES["tiny-flux"](seed=0)
+    attn = pipe.transformer.transformer_blocks[0].attn
+    attn.set_processor(FluxIPAdapterAttnProcessor(hidden_size=attn.inner_dim, cross_attention_dim=8))
+    with pytest.raises(NotImplementedError, match="uses FluxIPAdapterAttnProcessor, which nagkit cannot guide"):
+        nagkit.apply(pipe, negative_prompt="x")
+    assert "encode_prompt" not in pipe.__dict__

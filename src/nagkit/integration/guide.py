@@ -96,8 +96,9 @@ class Guide:
     """
 
     def __init__(self, target: Any, config: NAGConfig, negative_prompt: NegativePrompt,
-                 negative: dict[str, Any] | None) -> None:
+                 negative: dict[str, Any] | None, negative_max_length: int | None = None) -> None:
         self.target = target
+        self.negative_max_length = negative_max_length
         self.state = NAGState(config=config)
         self.spec: PipelineSpec | None = pipeline_spec(target) if is_pipeline(target) else None
         self._negative_prompt = negative_prompt
@@ -263,7 +264,7 @@ class Guide:
             if len(negatives) != prompts:
                 raise ValueError(f"negative_prompt has {len(negatives)} entries but the call has {prompts} prompts; "
                                  "give one string (used for every prompt) or exactly one per prompt")
-        neg = encode(**negative_arguments(arguments, negatives, spec))
+        neg = encode(**negative_arguments(arguments, negatives, spec, self.negative_max_length))
         mask = neg[spec.mask_index] if spec.mask_index is not None else None
         extras = {"pooled_projections": neg[spec.pooled_index]} if spec.pooled_index is not None else {}
         self._call = _Negative(embeds=neg[spec.embeds_index], mask=mask, positive=positive, extras=extras)
@@ -377,7 +378,7 @@ def _check_negative_prompt(negative_prompt: NegativePrompt) -> None:
 def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict[str, Any] | None = None,
           scale: float | None = None, tau: float | None = None, alpha: float | None = None,
           start: float | None = None, end: float | None = None, norm: str | None = None,
-          mode: str | None = None, preset: str | None = None) -> Guide:
+          mode: str | None = None, preset: str | None = None, negative_max_length: int | None = None) -> Guide:
     """Install Normalized Attention Guidance on a diffusers pipeline or denoiser.
 
     Args:
@@ -397,6 +398,9 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
         norm: ``"l1"`` or ``"l2"``. Default: ``"l1"``; with ``mode="official"``, the official code's norm (L2 on Flux).
         mode: ``"fast"`` (default) or ``"official"`` (reproduce the official diffusers outputs; Flux only differs).
         preset: name of a preset from :data:`nagkit.PRESETS` (default: the model family's).
+        negative_max_length: pipelines with a T5-style ``max_sequence_length`` only: encode the negative with this
+            shorter length (cheaper: the negative text's work scales with it). Changes results on models without a
+            text mask (Flux, SD3): the dropped T5 padding tokens were keys too.
 
     Returns:
         A :class:`Guide`: ``update(...)``, ``remove()``, usable as a context manager.
@@ -431,6 +435,9 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
     if mode is not None and norm is None:
         norm = _mode_norm(mode, family)
     config = base.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm, mode=mode)
-    guide = Guide(target, config, negative_prompt, negative)
+    if negative_max_length is not None and (isinstance(negative_max_length, bool) or
+                                            not isinstance(negative_max_length, int) or negative_max_length < 1):
+        raise ValueError(f"negative_max_length must be a positive int, got {negative_max_length!r}")
+    guide = Guide(target, config, negative_prompt, negative, negative_max_length)
     guide._install()
     return guide

@@ -84,9 +84,15 @@ def is_pipeline(obj: object) -> bool:
 _PROMPT_ONLY = ("prompt_2", "prompt_3", "prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
 
 
-def negative_arguments(arguments: dict[str, Any], negatives: list[str], spec: PipelineSpec) -> dict[str, Any]:
-    """``encode_prompt`` arguments that encode ``negatives`` exactly like the call encoded its prompt."""
+def negative_arguments(arguments: dict[str, Any], negatives: list[str], spec: PipelineSpec,
+                       max_length: int | None = None) -> dict[str, Any]:
+    """``encode_prompt`` arguments that encode ``negatives`` exactly like the call encoded its prompt (optionally
+    with a shorter ``max_sequence_length``)."""
     args = dict(arguments)
+    if max_length is not None:
+        if "max_sequence_length" not in args:
+            raise ValueError("negative_max_length needs a pipeline whose encode_prompt takes max_sequence_length")
+        args["max_sequence_length"] = max_length
     args["prompt"] = negatives
     for name in list(args):
         if name.startswith("negative_") or name in _PROMPT_ONLY:
