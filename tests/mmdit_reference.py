@@ -125,3 +125,32 @@ def flux_reference(model, inputs, neg_text, neg_pooled, scale, tau, alpha, mode=
         seq_n = seq_n + gate_n * blk.proj_out(torch.cat([a_n, blk.act_mlp(blk.proj_mlp(norm_n))], 2))
     x = seq_p[:, lp:]
     return model.proj_out(model.norm_out(x, temb_p))
+
+
+class DoubledSingleRef:
+    """Single-stream blocks (``[text | image]`` in, merged attention out, no output projection)."""
+
+    def __init__(self, inner, scale, tau, alpha, text_len):
+        self.inner, self.scale, self.tau, self.alpha, self.text_len = inner, scale, tau, alpha, text_len
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        if encoder_hidden_states is not None:
+            return out
+        b, t = out.shape[0] // 2, self.text_len
+        guided = reference_nag(out[:b, t:], out[b:, t:], self.scale, self.tau, self.alpha)
+        return torch.cat([out[:, :t], torch.cat([guided, guided])], dim=1)
+
+
+class DoubledFluxRef:
+    """Flux-style processors: double blocks (text given) like :class:`DoubledJointRef`, single blocks like
+    :class:`DoubledSingleRef`."""
+
+    def __init__(self, inner, scale, tau, alpha, text_len):
+        self.double = DoubledJointRef(inner, scale, tau, alpha)
+        self.single = DoubledSingleRef(inner, scale, tau, alpha, text_len)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        if encoder_hidden_states is None:
+            return self.single(attn, hidden_states, None, *args, **kwargs)
+        return self.double(attn, hidden_states, encoder_hidden_states, *args, **kwargs)

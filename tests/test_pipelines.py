@@ -10,7 +10,7 @@ from nagkit.adapters import NAGProcessor
 from nagkit.tiny.pipelines import TINY_CALL_KWARGS, TINY_PIPELINES, tiny_condition_image
 
 ALL = ["tiny-sd15", "tiny-sdxl", "tiny-wan", "tiny-wan22", "tiny-wan-i2v", "tiny-pixart-sigma", "tiny-sana",
-       "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-flux-dev", "tiny-flux-kontext"]
+       "tiny-chroma", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-flux-dev", "tiny-flux-kontext"]
 # [uncond, cond] in one denoiser call; the others (Wan, Flux true CFG) make separate cond / uncond calls
 BATCHED_CFG = {"tiny-sd15", "tiny-sdxl", "tiny-pixart-sigma", "tiny-sana", "tiny-sd3", "tiny-sd35"}
 FLUX = {"tiny-flux", "tiny-flux-dev", "tiny-flux-kontext"}

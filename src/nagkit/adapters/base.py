@@ -59,6 +59,8 @@ class Adapter:
         select: ``select(module_name, module) -> bool``: the attention modules that get NAG.
         text_arg: forward argument holding the text embeddings (packed as ``[positive | negative]``).
         mask_arg: forward argument holding a ``(B, L)`` text padding mask, or None when the family has none.
+        joint_mask: the mask covers ``[text | image]`` (Chroma) rather than the text only; the negative's part is
+            inserted after the prompt's text part.
         timestep_arg: forward argument holding the timestep (for the ``start``/``end`` window).
         timestep_max: the training horizon ``T`` in ``u = 1 − t/T``.
         window_floor: round the window thresholds to integers (the official UNet ``nag_end`` rule).
@@ -78,6 +80,7 @@ class Adapter:
     select: Callable[[str, torch.nn.Module], bool]
     text_arg: str = "encoder_hidden_states"
     mask_arg: str | None = None
+    joint_mask: bool = False
     timestep_arg: str = "timestep"
     timestep_max: float = 1000.0
     window_floor: bool = False

@@ -1,4 +1,4 @@
-"""FLUX.1 ``FluxTransformer2DModel`` (schnell, dev, Kontext): NAG in every double- and single-stream block.
+"""FLUX.1 ``FluxTransformer2DModel`` (schnell, dev, Kontext) and Chroma: NAG in every double- and single-stream block.
 
 Layout ``[Tp | Tn | I]`` (text first). The negative text is packed after the prompt's text (its RoPE position ids are
 zeros, like every Flux text token) and travels through all blocks as its own stream; the image stream stays single:
@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
     FluxAttnProcessor,
@@ -61,8 +61,6 @@ class NAGFluxAttnProcessor(NAGProcessor):
         packing = self.state.packing
         if packing is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if attention_mask is not None:
-            raise NotImplementedError("nagkit's Flux NAG processor takes no attention_mask")
         cfg = self.state.config
         query, key, value, t_query, t_key, t_value = _projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
@@ -76,7 +74,8 @@ class NAGFluxAttnProcessor(NAGProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         out = nag_joint_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), packing,
-                                  text_first=True, scale=cfg.scale, tau=cfg.tau, alpha=cfg.alpha, norm=cfg.norm)
+                                  text_first=True, scale=cfg.scale, tau=cfg.tau, alpha=cfg.alpha, norm=cfg.norm,
+                                  bias=attention_mask)
         if encoder_hidden_states is None:
             return out
         text_len = encoder_hidden_states.shape[1]
@@ -222,6 +221,13 @@ def _prepare(model: torch.nn.Module, access: Any, args: tuple, kwargs: dict, ext
     return args, kwargs
 
 
+def _chroma_prepare(model: torch.nn.Module, access: Any, args: tuple, kwargs: dict, extras: dict, packing: Any,
+                    state: Any) -> tuple[tuple, dict]:
+    if state.config.mode == "official":
+        raise ValueError("Chroma has no official NAG implementation to reproduce; use mode='fast'")
+    return _prepare(model, access, args, kwargs, extras, packing, state)
+
+
 def _flux_attention(name: str, module: torch.nn.Module) -> bool:
     return name.endswith(".attn") and hasattr(module, "head_dim")
 
@@ -240,4 +246,19 @@ FLUX = register_adapter(Adapter(
     official_norm="l2",  # the official diffusers Flux processor uses the L2 norm
     prepare=_prepare,
     block_forwards={FluxTransformerBlock: _double_block, FluxSingleTransformerBlock: _single_block},
+))
+
+
+CHROMA = register_adapter(Adapter(
+    family="chroma",
+    model_class=ChromaTransformer2DModel,
+    processors={FluxAttnProcessor: NAGFluxAttnProcessor},
+    select=_flux_attention,
+    mask_arg="attention_mask",
+    joint_mask=True,
+    timestep_max=1.0,
+    preset="chroma",
+    notes="Chroma: as Flux fast mode (modulation is text-independent); Chroma's own additive text-mask semantics "
+          "kept for the negative segment",
+    prepare=_chroma_prepare,
 ))

@@ -113,6 +113,8 @@ PRESETS: dict[str, NAGConfig] = {
     "flux": NAGConfig(scale=5.0, tau=2.5, alpha=0.25),
     # Official Kontext pipeline: nag_end 0.25 by default; README nag_scale 5.
     "flux-kontext": NAGConfig(scale=5.0, tau=2.5, alpha=0.25, end=0.25),
+    # No official diffusers Chroma code; ComfyUI-NAG's Chroma workflow: nag_scale 5, tau 2.5, alpha 0.25.
+    "chroma": NAGConfig(scale=5.0, tau=2.5, alpha=0.25),
 }
 
 

@@ -335,12 +335,17 @@ class Guide:
                 like = pos_mask if pos_mask is not None else text
                 dtype = pos_mask.dtype if pos_mask is not None else torch.long
                 if pos_mask is None:
-                    pos_mask = torch.ones(batch, text.shape[1], device=text.device, dtype=dtype)
+                    length = text.shape[1]
+                    if adapter.joint_mask:  # [text | image]: the image length is that of the image tokens
+                        length += access.get("hidden_states", args, kwargs).shape[1]
+                    pos_mask = torch.ones(batch, length, device=text.device, dtype=dtype)
                 neg_mask = torch.ones(batch, ln, device=like.device, dtype=dtype)
                 if mask is not None:
                     neg_mask = neg_mask.clone()
                     neg_mask[rows] = mask.to(device=like.device, dtype=dtype)
-                args, kwargs = access.set(adapter.mask_arg, torch.cat([pos_mask, neg_mask], dim=1), args, kwargs)
+                lp = text.shape[1]
+                packed = [pos_mask[:, :lp], neg_mask, pos_mask[:, lp:]] if adapter.joint_mask else [pos_mask, neg_mask]
+                args, kwargs = access.set(adapter.mask_arg, torch.cat(packed, dim=1), args, kwargs)
         packing = Packing(lp=text.shape[1], ln=ln, rows=rows, batch=batch)
         if adapter.prepare is not None:
             extras = negative.extras

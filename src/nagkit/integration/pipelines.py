@@ -52,11 +52,14 @@ _SD3 = PipelineSpec(denoisers=("transformer",), preset="sd3")
 # Flux returns (prompt_embeds, pooled, text_ids); the negative branch uses the negative's pooled embedding (official).
 _FLUX = PipelineSpec(denoisers=("transformer",), pooled_index=1, preset="flux")
 _KONTEXT = PipelineSpec(denoisers=("transformer",), pooled_index=1, preset="flux-kontext")
+# Chroma returns (prompt_embeds, text_ids, prompt_mask, negative...); the mask keeps Chroma's own rule.
+_CHROMA = PipelineSpec(denoisers=("transformer",), mask_index=2, preset="chroma")
 
 PIPELINES: dict[str, PipelineSpec] = {
     "StableDiffusion3Pipeline": _SD3,
     "FluxPipeline": _FLUX,
     "FluxKontextPipeline": _KONTEXT,
+    "ChromaPipeline": _CHROMA,
     "StableDiffusionPipeline": _SD,
     "StableDiffusionXLPipeline": _SDXL,
     "WanPipeline": _WAN,

@@ -23,8 +23,8 @@ from .cross import Packing
 from .lse import attention_with_lse, merge_attention
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packing: Packing,
                         text_first: bool, scale: float, tau: float, alpha: float, norm: str = "l1",
-                        use_lse: bool = True) -> torch.Tensor:
+                        use_lse: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
     """NAG joint attention over a packed ``[Tp | Tn | I]`` (``text_first``) or ``[I | Tp | Tn]`` sequence.
 
     Args:
@@ -42,6 +42,8 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         text_first: segment order of the model (Flux: True, SD3: False).
         scale, tau, alpha, norm: NAG parameters.
         use_lse: merge partial attentions by log-sum-exp (default) instead of two full image attentions.
+        bias: optional additive attention bias ``(B, 1|H, L, L)`` over the packed sequence (query x key, packed
+            order), e.g. Chroma's outer-product text mask.
 
     Returns:
         ``(B, L, H·D)`` in the packed order and the query dtype: the joint-attention output of every token, with
@@ -60,25 +62,34 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     def keys(text: slice, x: torch.Tensor) -> torch.Tensor:  # same key order as the model's own joint sequence
         return torch.cat([seg(x, text), seg(x, si)] if text_first else [seg(x, si), seg(x, text)], dim=2)
 
-    q_i = seg(query, si)
-    out_p = _sdpa(seg(query, sp), keys(sp, key), keys(sp, value))
-    out_n = _sdpa(seg(query, sn), keys(sn, key), keys(sn, value))
+    def block(qs: slice, ks: slice) -> torch.Tensor | None:
+        return None if bias is None else bias[:, :, qs, ks]
+
+    def block_keys(qs: slice, text: slice) -> torch.Tensor | None:
+        if bias is None:
+            return None
+        parts = [block(qs, text), block(qs, si)] if text_first else [block(qs, si), block(qs, text)]
+        return torch.cat(parts, dim=-1)
+
+    def guided_rows(x: torch.Tensor | None) -> torch.Tensor | None:
+        return x if x is None or packing.all_rows or x.shape[0] == 1 else x[rows]
+
     rows = packing.rows
-    q_g = q_i if packing.all_rows else q_i[rows]
+    q_i = seg(query, si)
+    out_p = _sdpa(seg(query, sp), keys(sp, key), keys(sp, value), block_keys(sp, sp))
+    out_n = _sdpa(seg(query, sn), keys(sn, key), keys(sn, value), block_keys(sn, sn))
+    q_g = guided_rows(q_i)
     if use_lse:
-        image = attention_with_lse(q_i, seg(key, si), seg(value, si))
-        z_pos = merge_attention([image, attention_with_lse(q_i, seg(key, sp), seg(value, sp))])
-        k_n, v_n = seg(key, sn), seg(value, sn)
+        image = attention_with_lse(q_i, seg(key, si), seg(value, si), block(si, si))
+        z_pos = merge_attention([image, attention_with_lse(q_i, seg(key, sp), seg(value, sp), block(si, sp))])
         if not packing.all_rows:
             image = (image[0][rows], image[1][rows])
-            k_n, v_n = k_n[rows], v_n[rows]
-        z_neg = merge_attention([image, attention_with_lse(q_g, k_n, v_n)])
+        negative = attention_with_lse(q_g, guided_rows(seg(key, sn)), guided_rows(seg(value, sn)),
+                                      guided_rows(block(si, sn)))
+        z_neg = merge_attention([image, negative])
     else:
-        z_pos = _sdpa(q_i, keys(sp, key), keys(sp, value))
-        k_n, v_n = keys(sn, key), keys(sn, value)
-        if not packing.all_rows:
-            k_n, v_n = k_n[rows], v_n[rows]
-        z_neg = _sdpa(q_g, k_n, v_n)
+        z_pos = _sdpa(q_i, keys(sp, key), keys(sp, value), block_keys(si, sp))
+        z_neg = _sdpa(q_g, guided_rows(keys(sn, key)), guided_rows(keys(sn, value)), guided_rows(block_keys(si, sn)))
     z_pos, z_neg = _merge_heads(z_pos), _merge_heads(z_neg)
     guided = nag_combine(z_pos if packing.all_rows else z_pos[rows], z_neg, scale, tau, alpha, norm)
     if not packing.all_rows:
