@@ -116,3 +116,37 @@ def test_official_mode_matches_official_reference(flux):
 
 def run_base(model, inputs):
     return run(model, inputs)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux-kontext", "tiny-flux-dev"])
+def test_pipeline_denoiser_matches_reference_both_modes(name):
+    """Kontext: the reference-image tokens sit in the image segment; inputs captured from the real pipeline."""
+    from nagkit.tiny.pipelines import TINY_CALL_KWARGS, TINY_PIPELINES, tiny_condition_image
+
+    from .test_families import _Stop
+
+    pipe = TINY_PIPELINES[name](seed=0)
+    model, seen = pipe.transformer, {}
+
+    def grab(module, args, kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    handle = model.register_forward_pre_hook(grab, with_kwargs=True)
+    extra = {"image": tiny_condition_image(64, 64)} if "kontext" in name else {}
+    try:
+        with pytest.raises(_Stop):
+            pipe(prompt="a red cat", num_inference_steps=2, output_type="latent", **TINY_CALL_KWARGS[name], **extra)
+    finally:
+        handle.remove()
+    inputs = {**seen, "return_dict": False, "joint_attention_kwargs": None}
+    g = torch.Generator().manual_seed(3)
+    text = inputs["encoder_hidden_states"]
+    neg_text = torch.randn(text.shape, generator=g)
+    neg_pooled = torch.randn(inputs["pooled_projections"].shape, generator=g)
+    negative = {"encoder_hidden_states": neg_text, "pooled_projections": neg_pooled}
+    for mode, p in (("fast", 1), ("official", 2)):
+        with nagkit.apply(model, negative=negative, scale=SCALE, tau=TAU, alpha=ALPHA, mode=mode):
+            out = run(model, inputs)
+        ref = flux_reference(model, inputs, neg_text, neg_pooled, SCALE, TAU, ALPHA, mode=mode, p=p)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -363,3 +363,22 @@ def test_ip_adapter_processors_get_a_clear_error():
     with pytest.raises(NotImplementedError, match="uses FluxIPAdapterAttnProcessor, which nagkit cannot guide"):
         nagkit.apply(pipe, negative_prompt="x")
     assert "encode_prompt" not in pipe.__dict__
+
+
+def test_lora_loaded_pipeline():
+    peft = pytest.importorskip("peft")
+    name = "tiny-flux"
+    pipe = TINY_PIPELINES[name](seed=0)
+    config = peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                             target_modules=["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"])
+    torch.manual_seed(0)
+    pipe.transformer.add_adapter(config)
+    base = generate(name, pipe)
+    with nagkit.apply(pipe, negative_prompt=PROMPT, scale=5.0):  # negative == prompt: identity through LoRA layers
+        torch.testing.assert_close(generate(name, pipe), base, atol=1e-5, rtol=1e-5)
+    with nagkit.apply(pipe, negative_prompt=NEGATIVE, scale=5.0) as guide:
+        guided = generate(name, pipe)
+        assert guide.state.calls["guided"] == 2
+    assert (guided - base).abs().max() > 1e-4
+    assert torch.equal(generate(name, pipe), base)
+    assert any("lora" in n for n, _ in pipe.transformer.named_modules())
