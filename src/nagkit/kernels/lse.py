@@ -13,8 +13,9 @@ Kernels (all heads-first ``(B, H, L, D)``):
 
 * CPU and meta: ``aten._scaled_dot_product_flash_attention_for_cpu`` returns the LSE. A fully masked query row comes
   back with ``out = 0`` and ``lse = 0``; it is set to ``-inf`` here so that it carries no weight in a merge.
-* CUDA: ``aten._scaled_dot_product_efficient_attention(compute_log_sumexp=True)`` (any dtype, additive bias); its LSE is
-  padded to a multiple of 32 along the query dim and sliced back.
+* CUDA (not yet exercised on a GPU by the test suite): ``aten._scaled_dot_product_flash_attention`` for fp16/bf16 without a
+  mask, else ``aten._scaled_dot_product_efficient_attention(compute_log_sumexp=True)`` (any dtype, additive bias; its
+  LSE is padded to a multiple of 32 along the query dim and sliced back).
 * Anything else (or a kernel refusing the inputs): an explicit ``softmax`` fallback that computes the same numbers.
 """
 
@@ -75,13 +76,22 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
             q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         lse = lse.float()
     elif q.device.type == "cuda":
-        full = None if bias is None else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        try:
-            out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, full, True, 0.0, False, scale=scale)
-            lse = lse[..., : q.shape[2]].float()
-        except RuntimeError:
-            out, lse = _math(q, k, v, bias, scale)
+        out = lse = None
+        if bias is None and q.dtype in (torch.float16, torch.bfloat16):
+            try:  # flash: half precision, no mask; lse (B, H, Lq) fp32
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False,
+                                                                              scale=scale)[:2]
+            except RuntimeError:
+                out = lse = None
+        if out is None:
+            full = None if bias is None else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            try:  # memory-efficient: any dtype, additive bias; lse padded to a multiple of 32
+                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                    q, k, v, full, True, 0.0, False, scale=scale)[:2]
+                lse = lse[..., : q.shape[2]]
+            except RuntimeError:
+                out, lse = _math(q, k, v, bias, scale)
+        lse = lse.float()
     else:
         out, lse = _math(q, k, v, bias, scale)
     dead = _fully_masked(bias, rows)
