@@ -13,9 +13,9 @@ Kernels (all heads-first ``(B, H, L, D)``):
 
 * CPU and meta: ``aten._scaled_dot_product_flash_attention_for_cpu`` returns the LSE. A fully masked query row comes
   back with ``out = 0`` and ``lse = 0``; it is set to ``-inf`` here so that it carries no weight in a merge.
-* CUDA (not yet exercised on a GPU by the test suite): ``aten._scaled_dot_product_flash_attention`` for fp16/bf16 without a
-  mask, else ``aten._scaled_dot_product_efficient_attention(compute_log_sumexp=True)`` (any dtype, additive bias; its
-  LSE is padded to a multiple of 32 along the query dim and sliced back).
+* CUDA (not yet exercised on a GPU by the test suite): ``aten._scaled_dot_product_flash_attention`` for fp16/bf16
+  without a mask, else ``aten._scaled_dot_product_efficient_attention(compute_log_sumexp=True)`` (any dtype, additive
+  bias; its LSE is padded to a multiple of 32 along the query dim and sliced back).
 * Anything else (or a kernel refusing the inputs): an explicit ``softmax`` fallback that computes the same numbers.
 """
 
