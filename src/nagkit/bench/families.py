@@ -3,7 +3,8 @@ device, and meta inputs of the shapes a real pipeline call would pass.
 
 Each JSON file holds the denoiser's ``config.json`` values (``config``), its diffusers class (``class``), the default
 geometry of a generation (resolution, frames, VAE factors, text tokens and width) and which modules are per-token text
-layers (``text_modules``: run again on the negative's tokens under NAG). No weights are ever loaded: models are built
+layers (``text_modules``, or ``text_linears`` and ``joint_attention`` patterns for MM-DiTs: the work a negative's tokens
+need at least, for the analytic minimum). No weights are ever loaded: models are built
 with ``__init__`` under ``torch.device("meta")``.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-CONFIG_PACKAGE = "nagkit.bench.configs"
+CONFIG_PACKAGE = "nagkit.bench"  # configs/*.json ship as package data
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,12 @@ class Geometry:
         return tokens * (self.latent_frames or 1)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` when the resolution does not fit the VAE and patch factors."""
+        """Check that the shapes make a valid call.
+
+        Raises:
+            ValueError: when the resolution does not fit the VAE and patch factors, the frame count the temporal VAE
+                factor, or a token count or the batch is below 1.
+        """
         step = self.vae_scale * self.patch
         if self.height % step or self.width % step:
             raise ValueError(f"height and width must be multiples of {step} (VAE factor {self.vae_scale} x patch "
@@ -111,7 +117,11 @@ class FamilySpec:
         inputs: which input builder to use (``unet``, ``wan``, ``pixart``, ``sana``, ``sd3``, ``flux``).
         config: keyword arguments of the class's ``__init__`` (the published ``config.json`` values).
         geometry: default call geometry.
-        text_modules: dotted names of per-token text layers that NAG runs again on the negative's tokens.
+        text_modules: dotted names of per-token text layers that NAG runs again on the negative's tokens
+            (cross-attention families; the attention modules' own key/value projections are found separately).
+        text_linears: joint-attention families: name patterns (``fnmatch``) of the ``nn.Linear`` layers that every
+            text token goes through (its own stream), for the analytic minimum.
+        joint_attention: joint-attention families: name patterns of the joint attention modules.
     """
 
     name: str
@@ -123,9 +133,19 @@ class FamilySpec:
     config: dict[str, Any]
     geometry: Geometry
     text_modules: tuple[str, ...] = field(default_factory=tuple)
+    text_linears: tuple[str, ...] = field(default_factory=tuple)
+    joint_attention: tuple[str, ...] = field(default_factory=tuple)
 
     def with_geometry(self, **changes: Any) -> FamilySpec:
-        """A copy with some geometry fields replaced (None values are ignored; ``frames`` only for video)."""
+        """A copy with some geometry fields replaced.
+
+        Args:
+            **changes: :class:`Geometry` fields (``height``, ``width``, ``frames``, ``negative_tokens``, ``batch``…);
+                None values are ignored, and ``frames`` is ignored for image families.
+
+        Returns:
+            The new :class:`FamilySpec`.
+        """
         changes = {k: v for k, v in changes.items() if v is not None}
         if self.geometry.frames is None:
             changes.pop("frames", None)
@@ -141,7 +161,9 @@ def _spec_from_json(data: dict[str, Any]) -> FamilySpec:
     geometry = Geometry(**data["geometry"])
     return FamilySpec(name=data["name"], title=data["title"], source=data["source"], model_class=data["class"],
                       attention=data["attention"], inputs=data["inputs"], config=dict(data["config"]),
-                      geometry=geometry, text_modules=tuple(data.get("text_modules", ())))
+                      geometry=geometry, text_modules=tuple(data.get("text_modules", ())),
+                      text_linears=tuple(data.get("text_linears", ())),
+                      joint_attention=tuple(data.get("joint_attention", ())))
 
 
 def load_families() -> dict[str, FamilySpec]:
@@ -152,7 +174,7 @@ def load_families() -> dict[str, FamilySpec]:
     """
     order = ["sd15", "sdxl", "wan21-t2v-14b", "wan21-i2v-14b", "pixart-sigma", "sana-1.6b", "sd35-large", "flux1-dev"]
     specs = {}
-    for entry in resources.files(CONFIG_PACKAGE).iterdir():
+    for entry in (resources.files(CONFIG_PACKAGE) / "configs").iterdir():
         if entry.name.endswith(".json"):
             spec = _spec_from_json(json.loads(entry.read_text(encoding="utf-8")))
             specs[spec.name] = spec
@@ -215,7 +237,15 @@ class Inputs:
     negative: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def with_text(self, text: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
-        """The forward kwargs with the text (and mask) replaced, e.g. by a packed ``[positive | negative]`` text."""
+        """The forward kwargs with the text (and mask) replaced, e.g. by a packed ``[positive | negative]`` text.
+
+        Args:
+            text: the new text embeddings.
+            mask: the new text mask, or None to keep the current one.
+
+        Returns:
+            A new kwargs dict.
+        """
         kwargs = dict(self.kwargs)
         kwargs[self.text_arg] = text
         if self.mask_arg is not None and mask is not None:
@@ -280,5 +310,12 @@ def build_inputs(spec: FamilySpec, batch: int | None = None, dtype: torch.dtype 
 
 
 def parameter_count(model: torch.nn.Module) -> int:
-    """Number of parameters (works on meta tensors)."""
+    """Number of parameters (works on meta tensors).
+
+    Args:
+        model: any module.
+
+    Returns:
+        The parameter count.
+    """
     return sum(p.numel() for p in model.parameters())

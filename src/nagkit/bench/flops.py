@@ -21,6 +21,7 @@ Variants (``B`` = prompts per call):
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ from .reference import OfficialLayout, official_processors, text_cross_attention
 
 VARIANTS = ("none", "cfg", "nag", "nag+cfg", "official", "min")
 NOT_SUPPORTED = "NAG: not supported yet"
+FAILED = "NAG failed"
 
 
 def ensure_cpu_attention_formula() -> None:
@@ -116,8 +118,8 @@ class FamilyResult:
         variants: ``{variant: VariantResult}`` for :data:`VARIANTS`.
         nag_supported: whether ``nagkit.apply`` accepts the denoiser.
         nag_minus_min: nagkit's overhead minus the analytic minimum, as a fraction of ``none`` (None if unknown).
-        min_check: the minimum measured as one forward with the negative tokens appended to the prompt's
-            (cross-attention only; equals the analytic minimum when both are right), as a fraction of ``none``.
+        min_check_flops: extra FLOPs of one forward with the negative tokens appended to the prompt's
+            (cross-attention only): the minimum measured, equal to the analytic one when both are right.
         notes: remarks for the report.
         seconds: wall time of the counting.
     """
@@ -131,7 +133,7 @@ class FamilyResult:
     variants: dict[str, VariantResult] = field(default_factory=dict)
     nag_supported: bool = False
     nag_minus_min: float | None = None
-    min_check: float | None = None
+    min_check_flops: int | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -202,8 +204,47 @@ def analytic_minimum(model: torch.nn.Module, spec: FamilySpec, shapes: dict[str,
     return total
 
 
-def _packed(inputs: Inputs, spec: FamilySpec) -> dict[str, Any]:
-    """Forward kwargs with the negative appended to the prompt's text (and mask)."""
+def joint_minimum(model: torch.nn.Module, spec: FamilySpec) -> int:
+    """The least extra work of NAG on a joint-attention (MM-DiT) family, in FLOPs.
+
+    The negative text is a stream of its own (the official joint-attention NAG): each of its ``Ln`` tokens goes
+    through every text linear layer (``spec.text_linears``: ``2·C_in·C_out`` per token), and in each joint attention
+    its queries attend to ``[negative text, image]`` while the image queries attend to the negative's keys once more
+    (the image→image and image→prompt attention are not repeated): ``4·C·Ln·(Ln + 2·Li)`` with ``C`` the attention
+    width and ``Li`` the image tokens.
+
+    Args:
+        model: the meta model.
+        spec: the family (geometry and module patterns).
+
+    Returns:
+        Extra FLOPs over the base forward.
+    """
+    g = spec.geometry
+    rows, ln, li = g.batch, g.negative_length, g.image_query_tokens
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and _matches(name, spec.text_linears):
+            total += rows * ln * 2 * module.in_features * module.out_features
+        elif _matches(name, spec.joint_attention):
+            width = module.to_q.out_features
+            total += rows * 4 * width * ln * (ln + 2 * li)
+    return total
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def packed_kwargs(inputs: Inputs) -> dict[str, Any]:
+    """Forward kwargs with the negative appended to the prompt's text tokens (and mask): ``[positive | negative]``.
+
+    Args:
+        inputs: the call's inputs and the negative (batch 1 or the call's batch).
+
+    Returns:
+        The kwargs for ``model(**kwargs)``.
+    """
     text = inputs.kwargs[inputs.text_arg]
     neg = inputs.negative["encoder_hidden_states"].expand(text.shape[0], -1, -1)
     mask = None
@@ -265,14 +306,21 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) 
     result.nag_supported = guide is not None
     if guide is not None:
         try:
-            nag = count_flops(lambda: model(**inputs.kwargs))
-            calls = dict(guide.state.calls)
+            nag: int | None = count_flops(lambda: model(**inputs.kwargs))
+            calls = dict(getattr(guide.state, "calls", None) or {})
+            if calls and calls.get("guided", 0) != 1:
+                raise RuntimeError(f"the forward was not guided ({calls})")
+        except Exception as err:  # noqa: BLE001 - a failing adapter is reported, the other families still run
+            nag, reason = None, f"{FAILED}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         finally:
             guide.remove()
-        if calls.get("guided", 0) != 1:
-            raise RuntimeError(f"{spec.name}: the nag forward was not guided ({calls})")
-        record("nag", nag, "nagkit.apply(model, negative=...)")
-        record("nag+cfg", variants["none"].flops + nag, "two forwards: uncond plain + cond guided")
+        if nag is None:
+            record("nag", None, reason)
+            record("nag+cfg", None, reason)
+            result.notes.append(reason)
+        else:
+            record("nag", nag, "nagkit.apply(model, negative=...)")
+            record("nag+cfg", variants["none"].flops + nag, "two forwards: uncond plain + cond guided")
     else:
         record("nag", None, NOT_SUPPORTED)
         record("nag+cfg", None, NOT_SUPPORTED)
@@ -280,18 +328,21 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) 
 
     if cross:
         layout = OfficialLayout(lp=g.text_tokens, ln=g.negative_length, image_tokens=g.image_tokens)
-        packed = _packed(inputs, spec)
+        packed = packed_kwargs(inputs)
         with official_processors(model, layout):
             record("official", count_flops(lambda: model(**packed)), "in-repo reference: tiled image queries")
         minimum = analytic_minimum(model, spec, shapes)
         record("min", variants["none"].flops + minimum, "analytic")
         check = count_flops(lambda: model(**packed)) - variants["none"].flops
-        result.min_check = check / variants["none"].flops
+        result.min_check_flops = check
         if check != minimum:
             result.notes.append(f"analytic minimum {minimum} != measured concatenated-text check {check}")
     else:
         record("official", None, "joint attention: no official-style reference yet")
-        record("min", None, "joint attention: analytic minimum not modelled yet")
+        if spec.joint_attention:
+            record("min", variants["none"].flops + joint_minimum(model, spec), "analytic (joint attention)")
+        else:
+            record("min", None, "no analytic minimum for this family")
 
     if variants["nag"].overhead is not None and variants["min"].overhead is not None:
         result.nag_minus_min = variants["nag"].overhead - variants["min"].overhead
@@ -307,13 +358,22 @@ def run_flops(specs: list[FamilySpec], progress: Callable[[str], None] | None = 
         progress: optional callback receiving progress lines.
 
     Returns:
-        A JSON-ready report: ``{"mode", "versions", "families": [FamilyResult.to_dict()...], "seconds"}``.
+        A JSON-ready report: ``{"mode", "versions", "attention_check", "families": [FamilyResult.to_dict()...],
+        "seconds"}``.
+
+    Raises:
+        RuntimeError: when one attention call is not counted exactly once (checked first, on meta and CPU).
     """
     import diffusers
 
     import nagkit
 
     started = time.perf_counter()
+    checks = {device: attention_count_check(device) for device in ("meta", "cpu")}
+    for device, (counted, expected) in checks.items():
+        if counted != expected:
+            raise RuntimeError(f"attention on {device} counts {counted} FLOPs, expected {expected}: FLOP counts "
+                               "would be wrong with this torch version")
     results = []
     for spec in specs:
         if progress:
@@ -322,6 +382,7 @@ def run_flops(specs: list[FamilySpec], progress: Callable[[str], None] | None = 
     return {
         "mode": "flops",
         "versions": {"nagkit": nagkit.__version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
+        "attention_check": {device: {"counted": c, "expected": e} for device, (c, e) in checks.items()},
         "families": [r.to_dict() for r in results],
         "seconds": time.perf_counter() - started,
     }

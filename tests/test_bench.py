@@ -1,0 +1,250 @@
+"""``nagkit bench`` FLOP mode: configs, counting, the official-style reference, reports and the CLI.
+
+The default tests use structurally faithful but tiny configs (seconds); the full-size runs are marked ``bench``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nagkit.bench import FamilySpec, Geometry, attention_count_check, build_inputs, load_families, run_family
+from nagkit.bench import flops as bench_flops
+from nagkit.bench.reference import OfficialLayout, official_processors
+from nagkit.bench.report import render_markdown, render_terminal, table_rows, write_json, write_markdown
+from nagkit.cli.main import main
+
+TINY_UNET = FamilySpec(
+    name="tiny-unet", title="tiny UNet", source="test", model_class="UNet2DConditionModel", attention="cross",
+    inputs="unet",
+    config={"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1, "cross_attention_dim": 32,
+            "attention_head_dim": 8, "norm_num_groups": 8, "sample_size": 8, "in_channels": 4, "out_channels": 4},
+    geometry=Geometry(height=64, width=64, vae_scale=8, latent_channels=4, text_tokens=7, text_dim=32),
+)
+TINY_PIXART = FamilySpec(
+    name="tiny-pixart", title="tiny PixArt", source="test", model_class="PixArtTransformer2DModel", attention="cross",
+    inputs="pixart",
+    config={"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8,
+            "cross_attention_dim": 16, "caption_channels": 32, "sample_size": 8, "patch_size": 2,
+            "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6, "attention_bias": True,
+            "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "use_additional_conditions": False},
+    geometry=Geometry(height=64, width=64, vae_scale=8, patch=2, latent_channels=4, text_tokens=6, text_dim=32,
+                      mask=True),
+    text_modules=("caption_projection",),
+)
+TINY_WAN_I2V = FamilySpec(
+    name="tiny-wan-i2v", title="tiny Wan I2V", source="test", model_class="WanTransformer3DModel", attention="cross",
+    inputs="wan",
+    config={"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 8,
+            "out_channels": 4, "text_dim": 32, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
+            "qk_norm": "rms_norm_across_heads", "image_dim": 24, "added_kv_proj_dim": 16, "rope_max_seq_len": 32},
+    # WanAttnProcessor hard-codes 512 text tokens for I2V, so the tiny model keeps that length
+    geometry=Geometry(height=64, width=64, frames=5, vae_scale=8, vae_scale_t=4, patch=2, latent_channels=8,
+                      text_tokens=512, text_dim=32, image_tokens=5, image_dim=24),
+    text_modules=("condition_embedder.text_embedder",),
+)
+TINY = [TINY_UNET, TINY_PIXART, TINY_WAN_I2V]
+
+
+def test_attention_is_counted_exactly_once():
+    for device in ("meta", "cpu"):
+        counted, expected = attention_count_check(device)
+        assert counted == expected, device
+
+
+def test_shipped_configs_cover_every_family():
+    families = load_families()
+    assert list(families) == ["sd15", "sdxl", "wan21-t2v-14b", "wan21-i2v-14b", "pixart-sigma", "sana-1.6b",
+                              "sd35-large", "flux1-dev"]
+    wan = families["wan21-i2v-14b"].geometry
+    assert (wan.latent_frames, wan.image_query_tokens, wan.image_tokens) == (21, 32760, 257)
+    assert families["sana-1.6b"].geometry.image_query_tokens == 1024
+    assert families["flux1-dev"].geometry.image_query_tokens == 4096
+    for spec in families.values():
+        spec.geometry.validate()
+        assert spec.attention in ("cross", "joint")
+
+
+def test_sd15_config_is_the_published_model():
+    spec = load_families()["sd15"]
+    model = bench_flops.build_model(spec)
+    assert model.device.type == "meta" and model.dtype == torch.bfloat16
+    assert sum(p.numel() for p in model.parameters()) == 859_520_964  # the SD1.5 UNet
+    inputs = build_inputs(spec)
+    assert inputs.kwargs["sample"].shape == (1, 4, 64, 64)
+    assert inputs.kwargs["encoder_hidden_states"].shape == (1, 77, 768)
+
+
+@pytest.mark.parametrize("spec", TINY, ids=lambda s: s.name)
+def test_flop_mode_on_a_small_family(spec):
+    result = run_family(spec)
+    variants = result.variants
+    assert set(variants) == set(bench_flops.VARIANTS)
+    assert result.base_flops > 0 and variants["none"].overhead == 0
+    assert variants["cfg"].overhead == pytest.approx(1.0, abs=1e-9)
+    nag = variants["nag"].overhead
+    assert result.nag_supported and 0 < nag <= variants["official"].overhead
+    assert variants["nag+cfg"].flops == variants["none"].flops + variants["nag"].flops
+    # nagkit does exactly the minimal work on cross-attention models, and the formula matches a measurement
+    assert variants["min"].flops - variants["none"].flops == result.min_check_flops
+    assert result.nag_minus_min == 0 and not result.notes
+
+
+def test_negative_length_and_batch_scale_the_overhead():
+    base = run_family(TINY_PIXART).variants
+    longer = run_family(TINY_PIXART.with_geometry(negative_tokens=14)).variants
+    batched = run_family(TINY_PIXART.with_geometry(batch=2)).variants
+    assert longer["nag"].overhead > base["nag"].overhead
+    assert longer["min"].overhead == longer["nag"].overhead
+    assert longer["official"].overhead >= longer["nag"].overhead  # the official way pads the prompt to 14 tokens
+    assert batched["none"].flops == 2 * base["none"].flops
+    assert batched["nag"].overhead == pytest.approx(base["nag"].overhead, rel=1e-12)
+
+
+def test_unsupported_nag_is_reported_not_raised(monkeypatch):
+    import nagkit
+
+    def refuse(*args, **kwargs):
+        raise TypeError("nagkit does not support PixArtTransformer2DModel")
+
+    monkeypatch.setattr(nagkit, "apply", refuse)
+    result = run_family(TINY_PIXART)
+    assert not result.nag_supported
+    assert result.variants["nag"].flops is None and result.variants["nag"].note == bench_flops.NOT_SUPPORTED
+    assert any(bench_flops.NOT_SUPPORTED in note for note in result.notes)
+    report = {"families": [result.to_dict()], "seconds": 0.0,
+              "versions": {"nagkit": "x", "diffusers": "y", "torch": "z"}}
+    assert "not supported yet" in table_rows(report)[0]
+    assert "not supported yet" in render_terminal(report)
+
+
+def test_failing_nag_is_reported_and_the_rest_still_runs(monkeypatch):
+    import nagkit
+
+    class Broken:
+        state = None
+
+        def __init__(self, model):
+            self.handle = model.register_forward_pre_hook(self.boom)
+
+        @staticmethod
+        def boom(*args):
+            raise RuntimeError("kernel exploded")
+
+        def remove(self):
+            self.handle.remove()
+
+    monkeypatch.setattr(nagkit, "apply", lambda model, negative: Broken(model))
+    result = run_family(TINY_PIXART)
+    assert result.variants["nag"].flops is None and "kernel exploded" in result.variants["nag"].note
+    assert result.variants["official"].flops is not None and result.variants["min"].flops is not None
+    report = {"families": [result.to_dict()], "seconds": 0.0,
+              "versions": {"nagkit": "x", "diffusers": "y", "torch": "z"}}
+    assert "failed" in table_rows(report)[0]
+
+
+def _materialize(x, generator):
+    if isinstance(x, dict):
+        return {k: _materialize(v, generator) for k, v in x.items()}
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.dtype == torch.long:
+        mask = torch.ones(x.shape, dtype=torch.long)
+        mask[:, -2:] = 0  # padding at the end of the text
+        return mask
+    if x.ndim == 1:
+        return torch.full(x.shape, 500.0)
+    return torch.randn(x.shape, generator=generator)
+
+
+@pytest.mark.parametrize("spec", TINY, ids=lambda s: s.name)
+def test_official_reference_computes_nag(spec):
+    """The official-style reference is a real NAG implementation: it agrees with nagkit on random weights."""
+    import nagkit
+
+    cls = getattr(__import__("diffusers"), spec.model_class)
+    torch.manual_seed(0)
+    model = cls.from_config(spec.config).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = build_inputs(spec, dtype=torch.float32)
+    kwargs = _materialize(inputs.kwargs, g)
+    negative = _materialize(inputs.negative, g)
+    if "encoder_attention_mask" in negative:
+        negative["encoder_attention_mask"][:, -2:] = 1
+        negative["encoder_attention_mask"][:, -1:] = 0
+    inputs.kwargs, inputs.negative = kwargs, negative
+    scale, tau, alpha = 4.0, 2.5, 0.5
+    with torch.no_grad():
+        plain = model(**kwargs).sample
+        with nagkit.apply(model, negative=negative, scale=scale, tau=tau, alpha=alpha):
+            guided = model(**kwargs).sample
+        layout = OfficialLayout(lp=spec.geometry.text_tokens, ln=spec.geometry.negative_length,
+                                image_tokens=spec.geometry.image_tokens, scale=scale, tau=tau, alpha=alpha)
+        with official_processors(model, layout):
+            official = model(**bench_flops.packed_kwargs(inputs)).sample
+    assert not torch.allclose(guided, plain, atol=1e-4)
+    torch.testing.assert_close(official, guided, rtol=1e-4, atol=1e-5)
+
+
+def test_reports_json_markdown_and_terminal(tmp_path):
+    report = bench_flops.run_flops([TINY_PIXART])
+    text = render_terminal(report)
+    assert "tiny PixArt" in text and "+100.0%" in text
+    path = write_json(report, tmp_path / "out" / "flops.json")
+    data = json.loads(path.read_text())
+    assert data["mode"] == "flops" and data["families"][0]["variants"]["cfg"]["overhead"] == pytest.approx(1.0)
+    page = render_markdown(report, "benchmarks_flops.png")
+    assert "nagkit bench --markdown docs/benchmarks.md" in page
+    assert "## TODO: time mode" in page and "not implemented" in page
+    assert "| tiny PixArt (64×64) |" in page
+    md, chart = write_markdown(report, tmp_path / "docs" / "benchmarks.md")
+    assert md.read_text().startswith("# Benchmarks")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert chart is None
+    else:
+        assert chart == tmp_path / "docs" / "benchmarks_flops.png" and chart.stat().st_size > 1000
+
+
+def test_cli_bench(tmp_path, monkeypatch, capsys):
+    import nagkit.bench
+
+    monkeypatch.setattr(nagkit.bench, "load_families", lambda: {"tiny-pixart": TINY_PIXART})
+    rc = main(["bench", "--family", "tiny-pixart", "--negative-length", "9", "--json", str(tmp_path / "r.json"),
+               "--markdown", str(tmp_path / "b.md"), "--quiet"])
+    assert rc == 0
+    assert "tiny PixArt" in capsys.readouterr().out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["families"][0]["geometry"]["negative_tokens"] == 9
+    assert (tmp_path / "b.md").exists()
+    assert main(["bench", "--family", "nope"]) == 2
+    assert main(["bench", "--mode", "time"]) == 2
+    assert main(["bench", "--family", "tiny-pixart", "--height", "60"]) == 2
+    assert "unknown family nope" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ full size (slow)
+@pytest.mark.bench
+def test_full_size_sd15():
+    result = run_family(load_families()["sd15"])
+    assert result.base_flops == 803_273_441_280
+    assert result.variants["nag"].overhead == pytest.approx(0.0081, abs=1e-4)
+    assert result.nag_minus_min == 0
+
+
+@pytest.mark.bench
+def test_full_size_every_family():
+    report = bench_flops.run_flops(list(load_families().values()))
+    for fam in report["families"]:
+        variants = fam["variants"]
+        assert variants["cfg"]["overhead"] == pytest.approx(1.0), fam["family"]
+        if variants["nag"]["overhead"] is not None:
+            assert 0 < variants["nag"]["overhead"] < 0.2, fam["family"]
+            if variants["official"]["overhead"] is not None:
+                assert variants["nag"]["overhead"] <= variants["official"]["overhead"], fam["family"]
+        if fam["attention"] == "cross":
+            assert fam["nag_minus_min"] == 0, fam["family"]
