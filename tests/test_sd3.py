@@ -69,16 +69,14 @@ def test_identities_and_removal(sd3):
         assert type(model.transformer_blocks[0].attn2.processor).__name__ == "JointAttnProcessor2_0"
 
 
-def test_lse_path_equals_two_full_attentions(sd3, monkeypatch):
+def test_lse_path_equals_two_full_attentions(sd3):
     model, inputs, negative = sd3
-    import nagkit.kernels.joint as joint
+    from nagkit.kernels.joint import force_two_attentions
 
     with nagkit.apply(model, negative=negative, scale=SCALE, tau=TAU, alpha=ALPHA):
         fast = run(model, inputs)
-        original = joint.nag_joint_attention
-        monkeypatch.setattr("nagkit.adapters.sd3.nag_joint_attention",
-                            lambda *a, **k: original(*a, **{**k, "use_lse": False}))
-        plain = run(model, inputs)
+        with force_two_attentions():
+            plain = run(model, inputs)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
 
 

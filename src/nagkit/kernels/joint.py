@@ -15,12 +15,34 @@ same numbers come from two full attentions (``use_lse=False``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 from ..core.operator import nag_combine
 from .cross import Packing
 from .lse import attention_with_lse, merge_attention
+
+_TWO_ATTENTIONS = False
+
+
+@contextlib.contextmanager
+def force_two_attentions() -> Iterator[None]:
+    """Compute ``Z+`` and ``Z-`` as two full attentions (no log-sum-exp merge) inside the block: the official
+    implementation's way, used by the benchmark's reference count and by tests."""
+    global _TWO_ATTENTIONS
+    previous, _TWO_ATTENTIONS = _TWO_ATTENTIONS, True
+    try:
+        yield
+    finally:
+        _TWO_ATTENTIONS = previous
+
+
+def lse_available(device: torch.device) -> bool:
+    """Whether :func:`nagkit.kernels.lse.attention_with_lse` has a fused kernel for ``device``."""
+    return device.type in ("cpu", "meta", "cuda")
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,7 +55,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packing: Packing,
                         text_first: bool, scale: float, tau: float, alpha: float, norm: str = "l1",
-                        use_lse: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+                        use_lse: bool | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """NAG joint attention over a packed ``[Tp | Tn | I]`` (``text_first``) or ``[I | Tp | Tn]`` sequence.
 
     Args:
@@ -41,7 +63,8 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         packing: text lengths and the guided rows.
         text_first: segment order of the model (Flux: True, SD3: False).
         scale, tau, alpha, norm: NAG parameters.
-        use_lse: merge partial attentions by log-sum-exp (default) instead of two full image attentions.
+        use_lse: merge partial attentions by log-sum-exp instead of two full image attentions. Default: when the
+            device has an LSE kernel (CPU, CUDA, meta) and :func:`force_two_attentions` is not active.
         bias: optional additive attention bias ``(B, 1|H, L, L)`` over the packed sequence (query x key, packed
             order), e.g. Chroma's outer-product text mask.
 
@@ -49,6 +72,8 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         ``(B, L, H·D)`` in the packed order and the query dtype: the joint-attention output of every token, with
         ``NAG(Z+, Z-)`` on the image tokens of the guided rows and ``Z+`` on the others.
     """
+    if use_lse is None:
+        use_lse = lse_available(query.device) and not _TWO_ATTENTIONS
     lp, ln, total = packing.lp, packing.ln, query.shape[2]
     li = total - lp - ln
     if text_first:
