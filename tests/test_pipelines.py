@@ -55,6 +55,7 @@ def test_guides_and_removes_without_a_trace(tiny):
     assert (guided - base).abs().max() > 1e-4
     guide.remove()
     assert "encode_prompt" not in pipe.__dict__ and not hasattr(pipe, "_nagkit_guide")
+    assert "check_inputs" not in pipe.__dict__
     after = processor_map(pipe)
     assert all(before[k] is after[k] for k in before)
     for d in denoisers(pipe):
@@ -382,3 +383,16 @@ def test_lora_loaded_pipeline():
     assert (guided - base).abs().max() > 1e-4
     assert torch.equal(generate(name, pipe), base)
     assert any("lora" in n for n, _ in pipe.transformer.named_modules())
+
+
+def test_failed_call_between_encoding_and_denoising_leaves_no_stale_negative():
+    name = "tiny-chroma"  # no cache_context: unconditional calls are told apart by their text
+    pipe = TINY_PIPELINES[name](seed=0)
+    base = generate(name, pipe, prompt="a blue dog")
+    with nagkit.apply(pipe, negative_prompt=NEGATIVE, scale=5.0) as guide:
+        with pytest.raises(Exception):  # noqa: B017 - fails in prepare_latents, after encode_prompt
+            generate(name, pipe, prompt="a red cat", latents=torch.zeros(1, 1, 1))
+        guide.state.calls.update(guided=0, unguided=0)
+        out = generate(name, pipe, prompt="a blue dog", guidance=2.0)
+        assert guide.state.calls == {"guided": 2, "unguided": 2}
+    assert not torch.equal(out, base)

@@ -109,7 +109,7 @@ class Guide:
         self._denoisers: list[tuple[torch.nn.Module, Adapter]] = []
         self._processors: list[tuple[torch.nn.Module, Any]] = []
         self._hooks: list[tuple[torch.nn.Module, dict[str, Any]]] = []
-        self._encode_record: dict[str, Any] | None = None
+        self._wrapped: dict[str, dict[str, Any]] = {}  # pipeline methods wrapped as instance attributes
         self._installed = False
 
     # ------------------------------------------------------------------ public API
@@ -164,15 +164,15 @@ class Guide:
             module.set_processor(processor)
         for module, record in reversed(self._hooks):
             uninstall_hook(module, record)
-        if self._encode_record is not None:
-            if self._encode_record["had"]:
-                self.target.encode_prompt = self._encode_record["value"]
+        for name, record in self._wrapped.items():
+            if record["had"]:
+                setattr(self.target, name, record["value"])
             else:
-                self.target.__dict__.pop("encode_prompt", None)
+                self.target.__dict__.pop(name, None)
         for obj in [self.target, *(m for m, _ in self._denoisers)]:
             if getattr(obj, _MARK, None) is self:
                 delattr(obj, _MARK)
-        self._processors, self._hooks, self._encode_record, self._call = [], [], None, None
+        self._processors, self._hooks, self._wrapped, self._denoisers, self._call = [], [], {}, [], None
         self._installed = False
 
     def __enter__(self) -> Guide:
@@ -193,10 +193,6 @@ class Guide:
                 raise RuntimeError(f"NAG is already applied to this {type(obj).__name__}; call .remove() on the "
                                    "existing guide (or use guide.update(...)) before applying again")
         denoisers = self._pipeline_denoisers() if self.spec is not None else [self.target]
-        if self.spec is None and not isinstance(self.target, torch.nn.Module):
-            raise TypeError(f"nagkit.apply takes a diffusers pipeline or denoiser, got {type(self.target).__name__}; "
-                            f"supported pipelines: {', '.join(sorted(PIPELINES))}; supported denoisers: "
-                            f"{', '.join(supported_models())}")
         plan = []
         for module in denoisers:
             adapter = adapter_for(module)
@@ -216,31 +212,49 @@ class Guide:
             self._denoisers.append((module, adapter))
             setattr(module, _MARK, self)
         if self.spec is not None:
-            self._wrap_encode_prompt()
+            self._wrap_pipeline()
             setattr(self.target, _MARK, self)
         self._installed = True
 
     def _pipeline_denoisers(self) -> list[torch.nn.Module]:
         return pipeline_denoisers(self.target, self.spec)
 
-    def _wrap_encode_prompt(self) -> None:
+    def _wrap(self, name: str, make: Any) -> None:
         pipe = self.target
-        original = pipe.encode_prompt
-        self._encode_record = {"had": "encode_prompt" in pipe.__dict__, "value": pipe.__dict__.get("encode_prompt")}
+        original = getattr(pipe, name)
+        self._wrapped[name] = {"had": name in pipe.__dict__, "value": pipe.__dict__.get(name)}
+        wrapper = make(original)
+        wrapper.__wrapped__ = original  # keeps inspect.signature(...) of the pipeline method intact
+        wrapper.__doc__ = original.__doc__
+        setattr(pipe, name, wrapper)
 
-        def encode_prompt(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            self._begin_call(original, bind_arguments(original, args, kwargs), out)
-            return out
+    def _wrap_pipeline(self) -> None:
+        """``check_inputs`` (first thing every pipeline call does) starts a call; ``encode_prompt`` gets the negative
+        encoded alongside the prompt."""
 
-        encode_prompt.__wrapped__ = original  # keeps inspect.signature(pipe.encode_prompt) intact
-        encode_prompt.__doc__ = original.__doc__
-        pipe.encode_prompt = encode_prompt
+        def check_inputs(original: Any) -> Any:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                self._end_call()
+                return original(*args, **kwargs)
+
+            return wrapper
+
+        def encode_prompt(original: Any) -> Any:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                out = original(*args, **kwargs)
+                self._begin_call(original, bind_arguments(original, args, kwargs), out)
+                return out
+
+            return wrapper
+
+        if hasattr(self.target, "check_inputs"):
+            self._wrap("check_inputs", check_inputs)
+        self._wrap("encode_prompt", encode_prompt)
 
     # ------------------------------------------------------------------ per call
     def _begin_call(self, encode: Any, arguments: dict[str, Any], out: tuple) -> None:
         if self._call is not None and not self._call_started:
-            return  # a second encode before any denoising: the pipeline encoding its CFG negative (Flux true CFG)
+            return  # a second encode in the same call, before denoising: the pipeline's CFG negative (Flux true CFG)
         self._call_started = False
         spec = self.spec
         positive = out[spec.embeds_index]
