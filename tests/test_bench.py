@@ -1,6 +1,7 @@
-"""``nagkit bench`` FLOP mode: configs, counting, the official-style reference, reports and the CLI.
+"""``nagkit bench``: configs, FLOP counting, the official-style reference, time mode, reports and the CLI.
 
-The default tests use structurally faithful but tiny configs (seconds); the full-size runs are marked ``bench``.
+The default tests use structurally faithful but tiny configs (seconds); the full-size FLOP runs and the full time run
+are marked ``bench``. Time mode is tested for structure only: no test asserts on a measured time.
 """
 
 from __future__ import annotations
@@ -10,10 +11,30 @@ import json
 import pytest
 import torch
 
-from nagkit.bench import FamilySpec, Geometry, attention_count_check, build_inputs, load_families, run_family
+from nagkit.bench import (
+    TIME_VARIANTS,
+    FamilySpec,
+    Geometry,
+    attention_count_check,
+    build_inputs,
+    load_families,
+    reduce_for_time,
+    run_family,
+    run_time,
+)
 from nagkit.bench import flops as bench_flops
 from nagkit.bench.reference import OfficialLayout, official_processors
-from nagkit.bench.report import render_markdown, render_terminal, table_rows, write_json, write_markdown
+from nagkit.bench.report import (
+    MARKER,
+    memory_rows,
+    render_markdown,
+    render_terminal,
+    table_rows,
+    time_rows,
+    write_json,
+    write_markdown,
+)
+from nagkit.bench.timing import PeakMemory
 from nagkit.cli.main import main
 
 TINY_UNET = FamilySpec(
@@ -47,6 +68,36 @@ TINY_WAN_I2V = FamilySpec(
     text_modules=("condition_embedder.text_embedder",),
 )
 TINY = [TINY_UNET, TINY_PIXART, TINY_WAN_I2V]
+TINY_SD3 = FamilySpec(
+    name="tiny-sd3", title="tiny SD3", source="test", model_class="SD3Transformer2DModel", attention="joint",
+    inputs="sd3",
+    config={"sample_size": 8, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
+            "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+            "caption_projection_dim": 32, "pooled_projection_dim": 16, "pos_embed_max_size": 16,
+            "qk_norm": "rms_norm"},
+    geometry=Geometry(height=64, width=64, vae_scale=8, patch=2, latent_channels=16, text_tokens=6, text_dim=32,
+                      pooled_dim=16),
+    text_linears=("context_embedder", "transformer_blocks.*.attn.add_q_proj", "transformer_blocks.*.attn.add_k_proj",
+                  "transformer_blocks.*.attn.add_v_proj", "transformer_blocks.*.attn.to_add_out",
+                  "transformer_blocks.*.ff_context.*"),
+    joint_attention=("transformer_blocks.*.attn",),
+)
+TINY_FLUX = FamilySpec(
+    name="tiny-flux", title="tiny FLUX", source="test", model_class="FluxTransformer2DModel", attention="joint",
+    inputs="flux",
+    config={"patch_size": 1, "in_channels": 64, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,
+            "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16, "guidance_embeds": True,
+            "axes_dims_rope": [4, 4, 8]},
+    geometry=Geometry(height=64, width=64, vae_scale=8, patch=2, latent_channels=16, text_tokens=8, text_dim=32,
+                      pooled_dim=16),
+    text_linears=("context_embedder", "transformer_blocks.*.attn.add_q_proj", "transformer_blocks.*.attn.add_k_proj",
+                  "transformer_blocks.*.attn.add_v_proj", "transformer_blocks.*.attn.to_add_out",
+                  "transformer_blocks.*.ff_context.*", "single_transformer_blocks.*.proj_mlp",
+                  "single_transformer_blocks.*.proj_out", "single_transformer_blocks.*.attn.to_q",
+                  "single_transformer_blocks.*.attn.to_k", "single_transformer_blocks.*.attn.to_v"),
+    joint_attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
+)
+VERSIONS = {"nagkit": "x", "diffusers": "y", "torch": "z"}
 
 
 def test_attention_is_counted_exactly_once():
@@ -87,10 +138,28 @@ def test_flop_mode_on_a_small_family(spec):
     assert variants["cfg"].overhead == pytest.approx(1.0, abs=1e-9)
     nag = variants["nag"].overhead
     assert result.nag_supported and 0 < nag <= variants["official"].overhead
+    assert variants["nag-official"].flops == variants["nag"].flops  # mode only matters on Flux
+    assert result.official_check_flops is None
     assert variants["nag+cfg"].flops == variants["none"].flops + variants["nag"].flops
     # nagkit does exactly the minimal work on cross-attention models, and the formula matches a measurement
     assert variants["min"].flops - variants["none"].flops == result.min_check_flops
     assert result.nag_minus_min == 0 and not result.notes
+
+
+@pytest.mark.parametrize("spec", [TINY_SD3, TINY_FLUX], ids=lambda s: s.name)
+def test_flop_mode_official_way_on_joint_attention(spec):
+    """The official way (mode="official" + two full joint attentions) costs exactly nagkit's official mode plus the
+    image→image attention that log-sum-exp sharing saves; nagkit's fast mode is the analytic minimum."""
+    variants = (result := run_family(spec)).variants
+    assert set(variants) == set(bench_flops.VARIANTS) and not result.notes
+    nag, nag_official, official = (variants[k].flops for k in ("nag", "nag-official", "official"))
+    assert variants["none"].flops < nag <= nag_official < official
+    assert official - nag_official == result.official_check_flops > 0
+    assert result.nag_minus_min == 0
+    if spec is TINY_SD3:
+        assert nag_official == nag  # SD3: mode makes no difference
+    else:
+        assert nag_official > nag  # Flux single blocks carry a second image copy in official mode
 
 
 def test_negative_length_and_batch_scale_the_overhead():
@@ -115,8 +184,7 @@ def test_unsupported_nag_is_reported_not_raised(monkeypatch):
     assert not result.nag_supported
     assert result.variants["nag"].flops is None and result.variants["nag"].note == bench_flops.NOT_SUPPORTED
     assert any(bench_flops.NOT_SUPPORTED in note for note in result.notes)
-    report = {"families": [result.to_dict()], "seconds": 0.0,
-              "versions": {"nagkit": "x", "diffusers": "y", "torch": "z"}}
+    report = {"families": [result.to_dict()], "seconds": 0.0, "versions": VERSIONS}
     assert "not supported yet" in table_rows(report)[0]
     assert "not supported yet" in render_terminal(report)
 
@@ -137,12 +205,12 @@ def test_failing_nag_is_reported_and_the_rest_still_runs(monkeypatch):
         def remove(self):
             self.handle.remove()
 
-    monkeypatch.setattr(nagkit, "apply", lambda model, negative: Broken(model))
+    monkeypatch.setattr(nagkit, "apply", lambda model, negative, mode="fast": Broken(model))
     result = run_family(TINY_PIXART)
     assert result.variants["nag"].flops is None and "kernel exploded" in result.variants["nag"].note
+    assert result.variants["nag-official"].flops is None
     assert result.variants["official"].flops is not None and result.variants["min"].flops is not None
-    report = {"families": [result.to_dict()], "seconds": 0.0,
-              "versions": {"nagkit": "x", "diffusers": "y", "torch": "z"}}
+    report = {"families": [result.to_dict()], "seconds": 0.0, "versions": VERSIONS}
     assert "failed" in table_rows(report)[0]
 
 
@@ -192,13 +260,15 @@ def test_official_reference_computes_nag(spec):
 def test_reports_json_markdown_and_terminal(tmp_path):
     report = bench_flops.run_flops([TINY_PIXART])
     text = render_terminal(report)
-    assert "tiny PixArt" in text and "+100.0%" in text
+    assert "tiny PixArt" in text and "+100.0%" in text and "nag official-mode" in text
     path = write_json(report, tmp_path / "out" / "flops.json")
     data = json.loads(path.read_text())
     assert data["mode"] == "flops" and data["families"][0]["variants"]["cfg"]["overhead"] == pytest.approx(1.0)
     page = render_markdown(report, "benchmarks_flops.png")
     assert "nagkit bench --markdown docs/benchmarks.md" in page
-    assert "## TODO: time mode" in page and "not implemented" in page
+    assert "nagkit bench --mode time --markdown docs/benchmarks.md" in page
+    assert "TODO" not in page and "Not available for joint-attention" not in page
+    assert "Not generated yet" in page  # the time section's placeholder
     assert "| tiny PixArt (64×64) |" in page
     md, chart = write_markdown(report, tmp_path / "docs" / "benchmarks.md")
     assert md.read_text().startswith("# Benchmarks")
@@ -222,9 +292,85 @@ def test_cli_bench(tmp_path, monkeypatch, capsys):
     assert data["families"][0]["geometry"]["negative_tokens"] == 9
     assert (tmp_path / "b.md").exists()
     assert main(["bench", "--family", "nope"]) == 2
-    assert main(["bench", "--mode", "time"]) == 2
     assert main(["bench", "--family", "tiny-pixart", "--height", "60"]) == 2
     assert "unknown family nope" in capsys.readouterr().err
+    assert main(["bench", "--mode", "time", "--family", "tiny-pixart", "--repeats", "0"]) == 2
+    assert main(["bench", "--mode", "time", "--family", "tiny-pixart", "--device", "mps"]) == 2
+    if not torch.cuda.is_available():
+        assert main(["bench", "--mode", "time", "--family", "tiny-pixart", "--device", "cuda"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ time mode
+def test_time_configs_are_reduced_and_valid():
+    for name, spec in load_families().items():
+        reduced, lines = spec.for_time()
+        reduced.geometry.validate()
+        assert reduced.time == {} and lines != ["none"], name
+        assert reduced.geometry.image_query_tokens <= spec.geometry.image_query_tokens, name
+        assert any("→" in line for line in lines), name
+    flux, lines = load_families()["flux1-dev"].for_time()
+    assert (flux.config["num_layers"], flux.config["num_single_layers"]) == (1, 2)
+    assert "num_layers: 19 → 1" in lines and any(line.startswith("size: 1024×1024 → 512×512") for line in lines)
+    assert TINY_PIXART.for_time() == (TINY_PIXART, ["none"])
+    spec, lines = reduce_for_time(TINY_PIXART, height=32, width=None)
+    assert spec.geometry.height == 32 and lines == ["command line: height=32"]
+    with pytest.raises(ValueError, match="multiples"):
+        reduce_for_time(TINY_PIXART, height=60)
+
+
+def test_peak_memory_sees_an_allocation():
+    memory = PeakMemory(torch.device("cpu"))
+    if not memory.available:
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    memory.start()
+    block = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+    growth = memory.growth()
+    del block
+    assert growth is not None and growth >= 48 * 2 ** 20
+
+
+def test_time_mode_smoke(tmp_path):
+    """Structure of a time run on tiny families (one repeat); nothing about the measured values."""
+    report = run_time([reduce_for_time(TINY_PIXART), reduce_for_time(TINY_FLUX)], repeats=1, warmup=0)
+    assert report["mode"] == "time" and report["settings"]["repeats"] == 1
+    assert report["machine"]["torch_threads"] >= 1 and report["machine"]["cpu"]["logical_cpus"]
+    for fam in report["families"]:
+        assert fam["reductions"] == ["none"] and not fam["notes"]
+        variants = fam["variants"]
+        assert list(variants) == list(TIME_VARIANTS)
+        for name, v in variants.items():
+            assert len(v["seconds"]) == 1 and v["median_s"] > 0, name
+            assert v["flops"] > 0 and v["flop_overhead"] is not None, name
+            assert v["calls"] == (2 if name == "nag+cfg" or (name == "cfg" and fam["family"] == "tiny-flux") else 1)
+        assert variants["none"]["overhead"] == 0
+        assert variants["cfg"]["flop_overhead"] == pytest.approx(1.0)
+        assert variants["official"]["flop_overhead"] >= variants["nag"]["flop_overhead"] > 0
+    assert report["families"][1]["variants"]["official"]["flop_overhead"] > \
+        report["families"][1]["variants"]["nag"]["flop_overhead"]  # Flux: the official way does more
+    json.loads(json.dumps(report))
+    assert len(time_rows(report)) == 2 and len(memory_rows(report)) == 2
+    assert "tiny FLUX" in render_terminal(report)
+    # the time section replaces only its own part of the page
+    page = tmp_path / "benchmarks.md"
+    write_markdown(bench_flops.run_flops([TINY_PIXART]), page)
+    flops_part = page.read_text().split(MARKER.format(mode="flops", edge="end"))[0]
+    md, chart = write_markdown(report, page)
+    text = md.read_text()
+    assert chart is None and text.startswith(flops_part)
+    assert "## Wall time per denoising step" in text and "Not generated yet" not in text
+    assert "nagkit bench --mode time --markdown docs/benchmarks.md" in text and "| tiny FLUX (64×64) |" in text
+
+
+def test_cli_bench_time(tmp_path, monkeypatch, capsys):
+    import nagkit.bench
+
+    monkeypatch.setattr(nagkit.bench, "load_families", lambda: {"tiny-sd3": TINY_SD3})
+    rc = main(["bench", "--mode", "time", "--repeats", "1", "--warmup", "0", "--json", str(tmp_path / "t.json"),
+               "--quiet"])
+    assert rc == 0 and "tiny SD3" in capsys.readouterr().out
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["mode"] == "time" and data["settings"]["dtype"] == "float32"
+    assert data["families"][0]["variants"]["official"]["calls"] == 1
 
 
 # ------------------------------------------------------------------------------------------------ full size (slow)
@@ -244,7 +390,26 @@ def test_full_size_every_family():
         assert variants["cfg"]["overhead"] == pytest.approx(1.0), fam["family"]
         if variants["nag"]["overhead"] is not None:
             assert 0 < variants["nag"]["overhead"] < 0.2, fam["family"]
-            if variants["official"]["overhead"] is not None:
-                assert variants["nag"]["overhead"] <= variants["official"]["overhead"], fam["family"]
-        if fam["attention"] == "cross":
-            assert fam["nag_minus_min"] == 0, fam["family"]
+            assert variants["nag"]["overhead"] <= variants["nag-official"]["overhead"], fam["family"]
+            assert variants["nag"]["overhead"] <= variants["official"]["overhead"], fam["family"]
+        assert fam["nag_minus_min"] == 0, fam["family"]
+        assert not fam["notes"], fam["family"]
+    joint = {fam["family"]: fam for fam in report["families"] if fam["attention"] == "joint"}
+    flux, sd35 = joint["flux1-dev"]["variants"], joint["sd35-large"]["variants"]
+    assert flux["official"]["overhead"] == pytest.approx(0.763, abs=2e-3)  # notes: ≈ +76 %
+    assert flux["nag-official"]["overhead"] == pytest.approx(0.710, abs=2e-3)  # notes: ≈ +71 %
+    assert sd35["official"]["overhead"] == pytest.approx(0.290, abs=2e-3)  # notes: ≈ +29 %
+    assert sd35["nag-official"]["flops"] == sd35["nag"]["flops"]
+    for fam in joint.values():
+        v = fam["variants"]
+        assert v["official"]["flops"] - v["nag-official"]["flops"] == fam["official_check_flops"]
+
+
+@pytest.mark.bench
+def test_time_mode_every_family_reduced():
+    """The shipped time-mode configs all run (one repeat; structure only, no assertion on times)."""
+    specs = [reduce_for_time(spec) for spec in load_families().values()]
+    report = run_time(specs, repeats=1, warmup=0)
+    for fam in report["families"]:
+        assert not fam["notes"], fam["family"]
+        assert all(v["median_s"] and v["median_s"] > 0 for v in fam["variants"].values()), fam["family"]

@@ -6,6 +6,11 @@ geometry of a generation (resolution, frames, VAE factors, text tokens and width
 layers (``text_modules``, or ``text_linears`` and ``joint_attention`` patterns for MM-DiTs: the work a negative's tokens
 need at least, for the analytic minimum). No weights are ever loaded: models are built
 with ``__init__`` under ``torch.device("meta")``.
+
+An optional ``time`` object holds the reduced config of time mode (:mod:`nagkit.bench.timing`): ``config`` and
+``geometry`` values that replace the published ones (fewer blocks; widths and token counts divided by the same
+factor where one full block would not fit the time budget on a CPU), and a ``note`` for the report.
+:meth:`FamilySpec.for_time` applies it and lists every change.
 """
 
 from __future__ import annotations
@@ -122,6 +127,8 @@ class FamilySpec:
         text_linears: joint-attention families: name patterns (``fnmatch``) of the ``nn.Linear`` layers that every
             text token goes through (its own stream), for the analytic minimum.
         joint_attention: joint-attention families: name patterns of the joint attention modules.
+        time: the reduced config of time mode: ``{"config": {...}, "geometry": {...}, "note": "..."}`` (all
+            optional), see :meth:`for_time`.
     """
 
     name: str
@@ -135,6 +142,34 @@ class FamilySpec:
     text_modules: tuple[str, ...] = field(default_factory=tuple)
     text_linears: tuple[str, ...] = field(default_factory=tuple)
     joint_attention: tuple[str, ...] = field(default_factory=tuple)
+    time: dict[str, Any] = field(default_factory=dict)
+
+    def for_time(self) -> tuple[FamilySpec, list[str]]:
+        """The reduced family that time mode runs, and what was reduced.
+
+        The ``time`` object's ``config`` and ``geometry`` values replace the published ones; the spec's ``time`` is
+        emptied (the reduced spec is final).
+
+        Returns:
+            ``(reduced spec, reductions)``: one ``"key: published → reduced"`` line per changed config value, the
+            geometry changes (size, frames, image, text and image-context tokens; the text width follows the config)
+            and the ``note``; ``["none"]`` when nothing changed.
+        """
+        config = {**self.config, **self.time.get("config", {})}
+        reduced = replace(self, config=config, geometry=replace(self.geometry, **self.time.get("geometry", {})),
+                          time={})
+        lines = [f"{key}: {_short(self.config.get(key))} → {_short(value)}"
+                 for key, value in self.time.get("config", {}).items() if self.config.get(key) != value]
+        old, new = self.geometry, reduced.geometry
+        if (old.height, old.width, old.frames) != (new.height, new.width, new.frames):
+            lines.append(f"size: {_size(old)} → {_size(new)} (image tokens {old.image_query_tokens:,} → "
+                         f"{new.image_query_tokens:,})")
+        for key, label in (("text_tokens", "text tokens"), ("image_tokens", "image-context tokens")):
+            if getattr(old, key) != getattr(new, key):
+                lines.append(f"{label}: {getattr(old, key)} → {getattr(new, key)}")
+        if self.time.get("note"):
+            lines.append(str(self.time["note"]))
+        return reduced, lines or ["none"]
 
     def with_geometry(self, **changes: Any) -> FamilySpec:
         """A copy with some geometry fields replaced.
@@ -157,13 +192,24 @@ class FamilySpec:
         return self.geometry.frames is not None
 
 
+def _short(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def _size(g: Geometry) -> str:
+    size = f"{g.width}×{g.height}"
+    return size + f"×{g.frames}f" if g.frames else size
+
+
 def _spec_from_json(data: dict[str, Any]) -> FamilySpec:
     geometry = Geometry(**data["geometry"])
     return FamilySpec(name=data["name"], title=data["title"], source=data["source"], model_class=data["class"],
                       attention=data["attention"], inputs=data["inputs"], config=dict(data["config"]),
                       geometry=geometry, text_modules=tuple(data.get("text_modules", ())),
                       text_linears=tuple(data.get("text_linears", ())),
-                      joint_attention=tuple(data.get("joint_attention", ())))
+                      joint_attention=tuple(data.get("joint_attention", ())), time=dict(data.get("time", {})))
 
 
 def load_families() -> dict[str, FamilySpec]:

@@ -8,12 +8,17 @@ Variants (``B`` = prompts per call):
 
 * ``none``: one conditional forward, batch B (the base every overhead is relative to);
 * ``cfg``: classifier-free guidance, one forward of batch 2B (unconditional + conditional);
-* ``nag``: nagkit's NAG, ``nagkit.apply(model, negative={...})``, one forward of batch B;
+* ``nag``: nagkit's NAG, ``nagkit.apply(model, negative={...})`` (default ``mode="fast"``), one forward of batch B;
+* ``nag-official``: nagkit's ``mode="official"`` (with its default log-sum-exp sharing of the double blocks'
+  image→image attention): differs from ``nag`` on Flux only (single blocks carry a second image copy);
 * ``nag+cfg``: NAG on the conditional branch of CFG, counted as two separate forwards: the unconditional rows plain
   (``none``) plus the conditional rows guided (``nag``) — nagkit's batched ``[uncond, cond]`` path also carries the
   negative's K/V projections on the unconditional rows (zero tokens), which this count leaves out;
-* ``official``: the official implementation's computation, on the in-repo reference
-  (:mod:`nagkit.bench.reference`): image queries tiled for the negative text batch;
+* ``official``: the official implementation's computation. Cross-attention families: the in-repo reference
+  (:mod:`nagkit.bench.reference`), image queries tiled for the negative text batch. Joint-attention families:
+  ``nagkit.apply(model, negative=..., mode="official")`` inside :func:`nagkit.kernels.joint.force_two_attentions`,
+  i.e. two full joint attentions per block (image→image computed twice) plus the negative text stream, and on Flux
+  the single blocks on a doubled batch — the official diffusers pipelines' computation;
 * ``min``: the analytic minimum of any NAG implementation: the negative's per-token text layers, and in every
   text cross-attention the negative's key/value projections plus the image-query × negative-key attention.
 """
@@ -33,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 from .families import FamilySpec, Inputs, build_inputs, build_model, parameter_count
 from .reference import OfficialLayout, official_processors, text_cross_attention_modules
 
-VARIANTS = ("none", "cfg", "nag", "nag+cfg", "official", "min")
+VARIANTS = ("none", "cfg", "nag", "nag-official", "nag+cfg", "official", "min")
 NOT_SUPPORTED = "NAG: not supported yet"
 FAILED = "NAG failed"
 
@@ -120,6 +125,8 @@ class FamilyResult:
         nag_minus_min: nagkit's overhead minus the analytic minimum, as a fraction of ``none`` (None if unknown).
         min_check_flops: extra FLOPs of one forward with the negative tokens appended to the prompt's
             (cross-attention only): the minimum measured, equal to the analytic one when both are right.
+        official_check_flops: joint attention only: ``official − nag-official`` predicted by
+            :func:`shared_image_attention_flops` (the image→image attention that log-sum-exp sharing saves), or None.
         notes: remarks for the report.
         seconds: wall time of the counting.
     """
@@ -134,6 +141,7 @@ class FamilyResult:
     nag_supported: bool = False
     nag_minus_min: float | None = None
     min_check_flops: int | None = None
+    official_check_flops: int | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -232,6 +240,30 @@ def joint_minimum(model: torch.nn.Module, spec: FamilySpec) -> int:
     return total
 
 
+def shared_image_attention_flops(model: torch.nn.Module, spec: FamilySpec) -> int:
+    """FLOPs of the image→image attention that the official way computes a second time, for the ``Z-`` branch.
+
+    In every joint attention with a text stream of its own (``add_q_proj``: SD3 blocks, Flux double blocks) the
+    official code runs two full joint attentions, so the image queries attend to the image keys twice; nagkit's
+    log-sum-exp path computes that part once: ``4·B·C·Li²`` per module (``C`` the attention width, ``Li`` the image
+    tokens). Flux single blocks are not included: both ways run them on the doubled batch.
+
+    Args:
+        model: the meta model.
+        spec: the family (geometry and the ``joint_attention`` patterns).
+
+    Returns:
+        ``official − nag-official`` in FLOPs, as it should be counted.
+    """
+    g = spec.geometry
+    li = g.image_query_tokens
+    total = 0
+    for name, module in model.named_modules():
+        if _matches(name, spec.joint_attention) and getattr(module, "add_q_proj", None) is not None:
+            total += g.batch * 4 * module.to_q.out_features * li * li
+    return total
+
+
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
@@ -254,13 +286,45 @@ def packed_kwargs(inputs: Inputs) -> dict[str, Any]:
     return inputs.with_text(torch.cat([text, neg], dim=1), mask)
 
 
-def _try_apply(model: torch.nn.Module, negative: dict[str, torch.Tensor]) -> tuple[Any | None, str]:
+def _try_apply(model: torch.nn.Module, negative: dict[str, torch.Tensor], mode: str = "fast"
+               ) -> tuple[Any | None, str]:
     import nagkit
 
     try:
-        return nagkit.apply(model, negative=negative), ""
+        return nagkit.apply(model, negative=negative, mode=mode), ""
     except (TypeError, NotImplementedError) as err:
         return None, str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _count_guided(model: torch.nn.Module, inputs: Inputs, mode: str, two_attentions: bool = False
+                  ) -> tuple[int | None, str]:
+    """FLOPs of one guided forward with ``nagkit.apply(model, negative=..., mode=mode)``, or ``(None, reason)``.
+
+    Args:
+        model: the meta model.
+        inputs: the call's inputs and the negative.
+        mode: nagkit's ``mode`` (``"fast"`` or ``"official"``).
+        two_attentions: count inside :func:`nagkit.kernels.joint.force_two_attentions` (the official way).
+
+    Returns:
+        ``(flops, "")``, or ``(None, why)`` when NAG does not support the model or the forward failed.
+    """
+    from ..kernels.joint import force_two_attentions
+
+    guide, reason = _try_apply(model, inputs.negative, mode)
+    if guide is None:
+        return None, f"{NOT_SUPPORTED} ({reason})"
+    try:
+        with force_two_attentions() if two_attentions else contextlib.nullcontext():
+            flops = count_flops(lambda: model(**inputs.kwargs))
+        calls = dict(getattr(guide.state, "calls", None) or {})
+        if calls and calls.get("guided", 0) != 1:
+            raise RuntimeError(f"the forward was not guided ({calls})")
+    except Exception as err:  # noqa: BLE001 - a failing adapter is reported, the other families still run
+        return None, f"{FAILED}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    finally:
+        guide.remove()
+    return flops, ""
 
 
 def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) -> FamilyResult:
@@ -292,9 +356,9 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) 
         overhead = None if flops is None or not base else flops / base - 1
         variants[name] = VariantResult(flops=flops, overhead=overhead, note=note)
         if flops is not None:
-            say(f"  {spec.name:<15} {name:<9} {flops / 1e12:12.4f} TFLOPs")
+            say(f"  {spec.name:<15} {name:<12} {flops / 1e12:12.4f} TFLOPs")
         else:
-            say(f"  {spec.name:<15} {name:<9} {note}")
+            say(f"  {spec.name:<15} {name:<12} {note}")
 
     cross = spec.attention == "cross"
     with _record_cross_attention(model) as shapes:
@@ -302,29 +366,20 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) 
     cfg_inputs = build_inputs(spec, batch=2 * g.batch)
     record("cfg", count_flops(lambda: model(**cfg_inputs.kwargs)), "one forward of batch 2B")
 
-    guide, reason = _try_apply(model, inputs.negative)
-    result.nag_supported = guide is not None
-    if guide is not None:
-        try:
-            nag: int | None = count_flops(lambda: model(**inputs.kwargs))
-            calls = dict(getattr(guide.state, "calls", None) or {})
-            if calls and calls.get("guided", 0) != 1:
-                raise RuntimeError(f"the forward was not guided ({calls})")
-        except Exception as err:  # noqa: BLE001 - a failing adapter is reported, the other families still run
-            nag, reason = None, f"{FAILED}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        finally:
-            guide.remove()
-        if nag is None:
-            record("nag", None, reason)
-            record("nag+cfg", None, reason)
-            result.notes.append(reason)
-        else:
-            record("nag", nag, "nagkit.apply(model, negative=...)")
-            record("nag+cfg", variants["none"].flops + nag, "two forwards: uncond plain + cond guided")
+    nag, reason = _count_guided(model, inputs, "fast")
+    result.nag_supported = not reason.startswith(NOT_SUPPORTED)
+    if nag is None:
+        short = NOT_SUPPORTED if not result.nag_supported else reason
+        for name in ("nag", "nag-official", "nag+cfg"):
+            record(name, None, short)
+        result.notes.append(reason)
     else:
-        record("nag", None, NOT_SUPPORTED)
-        record("nag+cfg", None, NOT_SUPPORTED)
-        result.notes.append(f"{NOT_SUPPORTED} ({reason})")
+        record("nag", nag, "nagkit.apply(model, negative=...)")
+        nag_official, why = _count_guided(model, inputs, "official")
+        record("nag-official", nag_official, why or "nagkit.apply(model, negative=..., mode='official')")
+        if why:
+            result.notes.append(f"mode='official': {why}")
+        record("nag+cfg", variants["none"].flops + nag, "two forwards: uncond plain + cond guided")
 
     if cross:
         layout = OfficialLayout(lp=g.text_tokens, ln=g.negative_length, image_tokens=g.image_tokens)
@@ -338,7 +393,15 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) 
         if check != minimum:
             result.notes.append(f"analytic minimum {minimum} != measured concatenated-text check {check}")
     else:
-        record("official", None, "joint attention: no official-style reference yet")
+        official, why = (None, "NAG not available") if nag is None else _count_guided(model, inputs, "official", True)
+        record("official", official, why or "mode='official' + force_two_attentions(): two full joint attentions")
+        if official is not None and variants["nag-official"].flops is not None and spec.joint_attention:
+            expected = shared_image_attention_flops(model, spec)
+            result.official_check_flops = expected
+            measured = official - variants["nag-official"].flops
+            if measured != expected:
+                result.notes.append(f"official − nag-official = {measured} FLOPs, expected {expected} (the "
+                                    "image→image attention computed twice)")
         if spec.joint_attention:
             record("min", variants["none"].flops + joint_minimum(model, spec), "analytic (joint attention)")
         else:

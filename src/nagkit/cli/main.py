@@ -257,20 +257,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ bench
-def cmd_bench(args: argparse.Namespace) -> int:
-    """``nagkit bench``: exact FLOP overhead of negative guidance on full-size configs (meta device, no weights).
+def _bench_specs(args: argparse.Namespace) -> list[Any]:
+    """The families ``nagkit bench`` runs, with the command line's geometry; FLOP mode: specs, time mode:
+    ``(reduced spec, reductions)`` pairs. Raises :class:`CLIError` on unknown families or invalid geometry."""
+    from ..bench import load_families, reduce_for_time
 
-    Args:
-        args: parsed ``bench`` arguments.
-
-    Returns:
-        The exit status (0).
-    """
-    from ..bench import load_families, run_flops
-    from ..bench.report import render_terminal, write_json, write_markdown
-
-    if args.mode != "flops":
-        raise CLIError("time mode is not implemented yet; use --mode flops (see docs/benchmarks.md)")
     families = load_families()
     names = args.family or list(families)
     unknown = [n for n in names if n not in families]
@@ -278,27 +269,63 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CLIError(f"unknown family {', '.join(unknown)}; choose from {', '.join(families)}")
     if args.negative_length is not None and args.negative_length < 1:
         raise CLIError("--negative-length must be >= 1")
-    specs = []
+    geometry = {"height": args.height, "width": args.width, "frames": args.frames,
+                "negative_tokens": args.negative_length, "batch": args.batch if args.batch != 1 else None}
+    specs: list[Any] = []
     for name in names:
-        spec = families[name].with_geometry(height=args.height, width=args.width, frames=args.frames,
-                                            negative_tokens=args.negative_length, batch=args.batch)
         try:
-            spec.geometry.validate()
+            if args.mode == "time":
+                specs.append(reduce_for_time(families[name], **geometry))
+            else:
+                spec = families[name].with_geometry(**{**geometry, "batch": args.batch})
+                spec.geometry.validate()
+                specs.append(spec)
         except ValueError as err:
             raise CLIError(f"{name}: {err}") from None
-        specs.append(spec)
+    return specs
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``nagkit bench``: the cost of negative guidance. ``--mode flops`` (default): exact FLOP overhead on
+    full-size configs (meta device, no weights); ``--mode time``: wall time and peak memory per denoiser call on
+    reduced configs with random weights (CPU; ``--device cuda`` is untested).
+
+    Args:
+        args: parsed ``bench`` arguments.
+
+    Returns:
+        The exit status (0).
+    """
+    from ..bench import run_flops, run_time
+    from ..bench.report import render_terminal, write_json, write_markdown
+
+    specs = _bench_specs(args)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    report = run_flops(specs, progress)
+    if args.mode == "time":
+        import torch
+
+        if args.repeats < 1 or args.warmup < 0:
+            raise CLIError("--repeats must be >= 1 and --warmup >= 0")
+        device = args.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise CLIError("--device cuda: CUDA is not available")
+        if not (device == "cpu" or device.startswith("cuda")):
+            raise CLIError("--device must be cpu or cuda[:N]")
+        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        report = run_time(specs, device=device, dtype=getattr(torch, dtype), repeats=args.repeats,
+                          warmup=args.warmup, seed=args.seed, progress=progress)
+    else:
+        report = run_flops(specs, progress)
     print(render_terminal(report))
     if args.json:
         print(write_json(report, args.json))
     if args.markdown:
         page, chart = write_markdown(report, args.markdown)
         print(page)
-        if chart is None:
-            print("matplotlib is not installed: the page has no chart (pip install 'nagkit[bench]')", file=sys.stderr)
-        else:
+        if chart is not None:
             print(chart)
+        elif args.mode == "flops":
+            print("matplotlib is not installed: the page has no chart (pip install 'nagkit[bench]')", file=sys.stderr)
     return 0
 
 
@@ -341,21 +368,31 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
 
-    bench = sub.add_parser("bench", help="exact FLOP overhead of NAG/CFG on full-size models (no weights needed)")
+    bench = sub.add_parser("bench", help="cost of NAG/CFG: exact FLOPs on full-size models (no weights) or wall "
+                                          "time on reduced models")
     bench.add_argument("--mode", default="flops", choices=("flops", "time"),
-                       help="flops (exact counts on the meta device); time is not implemented yet")
+                       help="flops: exact counts on the meta device (default); time: wall time and peak memory per "
+                            "denoiser call on reduced configs with random weights (about 5 min on 2 CPU cores)")
     bench.add_argument("--family", action="append", default=None,
                        help="family to benchmark (repeatable; default: all): sd15, sdxl, wan21-t2v-14b, "
                             "wan21-i2v-14b, pixart-sigma, sana-1.6b, sd35-large, flux1-dev")
-    bench.add_argument("--height", type=int, default=None, help="image height (default: the family's)")
-    bench.add_argument("--width", type=int, default=None, help="image width (default: the family's)")
+    bench.add_argument("--height", type=int, default=None,
+                       help="image height (default: the family's; time mode: the reduced config's)")
+    bench.add_argument("--width", type=int, default=None, help="image width (default as --height)")
     bench.add_argument("--frames", type=int, default=None, help="video frames (video families only)")
     bench.add_argument("--negative-length", type=int, default=None,
                        help="negative text tokens (default: as many as the prompt)")
     bench.add_argument("--batch", type=int, default=1, help="prompts per call (CFG doubles it)")
+    bench.add_argument("--repeats", type=int, default=4, help="time mode: timed rounds, the median is reported")
+    bench.add_argument("--warmup", type=int, default=1, help="time mode: untimed rounds first")
+    bench.add_argument("--device", default="cpu", help="time mode: cpu (default) or cuda (untested)")
+    bench.add_argument("--dtype", default=None, choices=DTYPES,
+                       help="time mode: default float32 on cpu (bf16 matmuls are slow on most CPUs), bfloat16 on cuda")
+    bench.add_argument("--seed", type=int, default=0, help="time mode: seed of the random weights and inputs")
     bench.add_argument("--json", default=None, metavar="PATH", help="write the full results as JSON")
     bench.add_argument("--markdown", default=None, metavar="PATH",
-                       help="write a Markdown page (and PATH_STEM_flops.png), e.g. docs/benchmarks.md")
+                       help="write this mode's section of a Markdown page (FLOP mode also PATH_STEM_flops.png), "
+                            "e.g. docs/benchmarks.md")
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bench.set_defaults(func=cmd_bench)
     return parser
