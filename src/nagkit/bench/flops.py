@@ -296,7 +296,7 @@ def _try_apply(model: torch.nn.Module, negative: dict[str, torch.Tensor], mode: 
         return None, str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def _count_guided(model: torch.nn.Module, inputs: Inputs, mode: str, two_attentions: bool = False
+def count_guided(model: torch.nn.Module, inputs: Inputs, mode: str, two_attentions: bool = False
                   ) -> tuple[int | None, str]:
     """FLOPs of one guided forward with ``nagkit.apply(model, negative=..., mode=mode)``, or ``(None, reason)``.
 
@@ -366,7 +366,7 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) 
     cfg_inputs = build_inputs(spec, batch=2 * g.batch)
     record("cfg", count_flops(lambda: model(**cfg_inputs.kwargs)), "one forward of batch 2B")
 
-    nag, reason = _count_guided(model, inputs, "fast")
+    nag, reason = count_guided(model, inputs, "fast")
     result.nag_supported = not reason.startswith(NOT_SUPPORTED)
     if nag is None:
         short = NOT_SUPPORTED if not result.nag_supported else reason
@@ -375,7 +375,7 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) 
         result.notes.append(reason)
     else:
         record("nag", nag, "nagkit.apply(model, negative=...)")
-        nag_official, why = _count_guided(model, inputs, "official")
+        nag_official, why = count_guided(model, inputs, "official")
         record("nag-official", nag_official, why or "nagkit.apply(model, negative=..., mode='official')")
         if why:
             result.notes.append(f"mode='official': {why}")
@@ -393,7 +393,7 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) 
         if check != minimum:
             result.notes.append(f"analytic minimum {minimum} != measured concatenated-text check {check}")
     else:
-        official, why = (None, "NAG not available") if nag is None else _count_guided(model, inputs, "official", True)
+        official, why = (None, "NAG not available") if nag is None else count_guided(model, inputs, "official", True)
         record("official", official, why or "mode='official' + force_two_attentions(): two full joint attentions")
         if official is not None and variants["nag-official"].flops is not None and spec.joint_attention:
             expected = shared_image_attention_flops(model, spec)

@@ -490,11 +490,13 @@ def render_time_section(report: dict[str, Any]) -> str:
             "reused heap does not hide allocations) and writing `5` to `/proc/self/clear_refs`, which resets the "
             "kernel's peak-RSS counter `VmHWM` to the current RSS; after it, `VmHWM − VmRSS(before)`. During that "
             "round glibc serves every allocation of 64 KiB or more with its own `mmap` and transparent huge pages "
-            "are off (`prctl(PR_SET_THP_DISABLE)`), which brings the run-to-run spread from tens of MB down to a "
-            "few MB (occasionally ~30 MB on Wan); both would slow the timed rounds by 10–30 %, so they are switched "
-            "back (glibc thresholds fixed at their dynamic maxima, 32/64 MiB, for every timed round). No subprocess "
-            "per variant (each would import torch and rebuild the model: minutes) and no `tracemalloc` (it does "
-            "not see PyTorch's allocator). Counts activations, attention workspaces and allocator slack."),
+            "are off (`prctl(PR_SET_THP_DISABLE)`); both would slow the timed rounds by 10–30 %, so they are "
+            "switched back afterwards (glibc thresholds fixed at their dynamic maxima, 32/64 MiB, for every timed "
+            "round). Counts activations, attention workspaces and allocator slack. It is **noisy**: repeated runs "
+            "differed by 10–15 MB on most cells and by up to ~50 MB on Wan, so only large ratios mean something "
+            "(batched CFG ×2, the official FLUX way's second image copy). Not used: a subprocess per variant (each "
+            "would import torch and rebuild the model: minutes), `tracemalloc` (blind to PyTorch's allocator), the "
+            "profiler's memory events (exact and repeatable, but 10–30 s per variant on the UNets)."),
         "* Reading the time overheads: elementwise work is not in the FLOP counts but costs wall time: nagkit's "
         "NAG combination (per-token L1 norms, ratio, cap and blend in fp32, overflow-safe), the separate small "
         "`Z-` attention call, the concatenations of the packed text. On the cross-attention families, whose extra "

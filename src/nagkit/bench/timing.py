@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 
-from .families import FamilySpec, Inputs, _quiet_diffusers, build_inputs, parameter_count
-from .flops import packed_kwargs, run_family
+from .families import FamilySpec, Inputs, _quiet_diffusers, build_inputs, build_model, parameter_count
+from .flops import count_flops, count_guided, packed_kwargs
 from .reference import OfficialLayout, official_processors
 
 TIME_VARIANTS = ("none", "cfg", "nag", "official", "nag+cfg")
@@ -105,8 +105,9 @@ class PeakMemory:
     ``malloc_trim(0)`` (so memory freed by earlier variants is handed back and does not hide new allocations);
     the growth is ``VmHWM`` after the region minus ``VmRSS`` before it. Inside :meth:`precise` glibc serves every
     allocation of 64 KiB or more with its own ``mmap`` (returned on free) and transparent huge pages are off, which
-    brings the run-to-run spread from tens of MB down to a few MB on the reduced configs (it cannot be used for the
-    timed rounds: it slows them by 10–30 %). It needs no
+    makes a fresh process repeatable to about 1 MB; after earlier families' timed rounds (heap state left behind)
+    repeated runs still differ by 10–50 MB. (It cannot be used for the timed rounds: it slows them by 10–30 %.)
+    It needs no
     subprocess and no tracing (``tracemalloc`` does not see PyTorch's allocations), measures in the process that
     holds the model, and includes everything the region touches: activations, attention workspaces, allocator
     slack. Unavailable (None) where ``/proc/self/clear_refs`` is not writable.
@@ -466,6 +467,34 @@ class FamilyTime:
         return asdict(self)
 
 
+def time_flops(spec: FamilySpec) -> dict[str, int | None]:
+    """FLOPs of every time-mode variant on the family's config, counted on the meta device as in FLOP mode (only
+    the variants time mode runs: faster than :func:`nagkit.bench.flops.run_family`). ``cfg`` is twice ``none``
+    (one call of batch 2B or two of batch B: FLOP mode counts the batched call at exactly +100 % on every family)
+    and ``nag+cfg`` is ``none + nag``.
+
+    Args:
+        spec: the (reduced) family.
+
+    Returns:
+        ``{variant: FLOPs or None}`` for :data:`TIME_VARIANTS`.
+    """
+    model = build_model(spec)
+    inputs = build_inputs(spec)
+    none = count_flops(lambda: model(**inputs.kwargs))
+    nag, _ = count_guided(model, inputs, "fast")
+    if spec.attention == "cross":
+        g = spec.geometry
+        layout = OfficialLayout(lp=g.text_tokens, ln=g.negative_length, image_tokens=g.image_tokens)
+        packed = packed_kwargs(inputs)
+        with official_processors(model, layout):
+            official: int | None = count_flops(lambda: model(**packed))
+    else:
+        official, _ = count_guided(model, inputs, "official", two_attentions=True)
+    return {"none": none, "cfg": 2 * none, "nag": nag, "official": official,
+            "nag+cfg": None if nag is None else none + nag}
+
+
 def reduce_for_time(spec: FamilySpec, **geometry: Any) -> tuple[FamilySpec, list[str]]:
     """The family's reduced time-mode config, with optional geometry changes on top.
 
@@ -516,7 +545,7 @@ def time_family(spec: FamilySpec, reductions: list[str], device: torch.device, d
     started = time.perf_counter()
     g = spec.geometry
     g.validate()
-    flop_result = run_family(spec)
+    counted_flops = time_flops(spec)
     model = build_timing_model(spec, device, dtype, seed)
     generator = torch.Generator().manual_seed(seed)
     inputs = materialize(build_inputs(spec, dtype=dtype), spec, device, dtype, generator)
@@ -527,9 +556,9 @@ def time_family(spec: FamilySpec, reductions: list[str], device: torch.device, d
     result = FamilyTime(family=spec.name, title=spec.title, model_class=spec.model_class, attention=spec.attention,
                         params=parameter_count(model), reductions=reductions, geometry=geometry)
     plans = variant_calls(model, spec, inputs, cfg_inputs)
-    base_flops = flop_result.variants["none"].flops
+    base_flops = counted_flops["none"]
     for name, calls in plans.items():
-        counted = flop_result.variants[name].flops
+        counted = counted_flops[name]
         result.variants[name] = TimeVariant(
             flops=counted, calls=len(calls),
             flop_overhead=None if counted is None or not base_flops else counted / base_flops - 1)
