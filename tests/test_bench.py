@@ -7,6 +7,7 @@ are marked ``bench``. Time mode is tested for structure only: no test asserts on
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,8 +24,9 @@ from nagkit.bench import (
     run_time,
 )
 from nagkit.bench import flops as bench_flops
-from nagkit.bench.reference import OfficialLayout, official_processors
+from nagkit.bench.reference import OFFICIAL_WAY, OfficialLayout, official_processors
 from nagkit.bench.report import (
+    COLUMNS,
     MARKER,
     memory_rows,
     render_markdown,
@@ -34,7 +36,7 @@ from nagkit.bench.report import (
     write_json,
     write_markdown,
 )
-from nagkit.bench.timing import PeakMemory
+from nagkit.bench.timing import SEPARATE_CFG, PeakMemory, materialize
 from nagkit.cli.main import main
 
 TINY_UNET = FamilySpec(
@@ -97,6 +99,17 @@ TINY_FLUX = FamilySpec(
                   "single_transformer_blocks.*.attn.to_k", "single_transformer_blocks.*.attn.to_v"),
     joint_attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
 )
+TINY_CHROMA = FamilySpec(
+    name="tiny-chroma", title="tiny Chroma", source="test", model_class="ChromaTransformer2DModel", attention="joint",
+    inputs="chroma",
+    config={"patch_size": 1, "in_channels": 64, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,
+            "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": [4, 4, 8],
+            "approximator_num_channels": 8, "approximator_hidden_dim": 16, "approximator_layers": 1},
+    geometry=Geometry(height=64, width=64, vae_scale=8, patch=2, latent_channels=16, text_tokens=8, text_dim=32,
+                      mask=True),
+    text_linears=TINY_FLUX.text_linears,
+    joint_attention=TINY_FLUX.joint_attention,
+)
 VERSIONS = {"nagkit": "x", "diffusers": "y", "torch": "z"}
 
 
@@ -109,11 +122,12 @@ def test_attention_is_counted_exactly_once():
 def test_shipped_configs_cover_every_family():
     families = load_families()
     assert list(families) == ["sd15", "sdxl", "wan21-t2v-14b", "wan21-i2v-14b", "pixart-sigma", "sana-1.6b",
-                              "sd35-large", "flux1-dev"]
+                              "sd35-large", "flux1-dev", "chroma1-hd"]
     wan = families["wan21-i2v-14b"].geometry
     assert (wan.latent_frames, wan.image_query_tokens, wan.image_tokens) == (21, 32760, 257)
     assert families["sana-1.6b"].geometry.image_query_tokens == 1024
     assert families["flux1-dev"].geometry.image_query_tokens == 4096
+    assert families["chroma1-hd"].geometry.image_query_tokens == 4096
     for spec in families.values():
         spec.geometry.validate()
         assert spec.attention in ("cross", "joint")
@@ -127,6 +141,19 @@ def test_sd15_config_is_the_published_model():
     inputs = build_inputs(spec)
     assert inputs.kwargs["sample"].shape == (1, 4, 64, 64)
     assert inputs.kwargs["encoder_hidden_states"].shape == (1, 77, 768)
+
+
+def test_chroma1_hd_config_is_the_published_model():
+    spec = load_families()["chroma1-hd"]
+    model = bench_flops.build_model(spec)
+    assert type(model).__name__ == "ChromaTransformer2DModel" and model.device.type == "meta"
+    assert (len(model.transformer_blocks), len(model.single_transformer_blocks)) == (19, 38)
+    assert sum(p.numel() for p in model.parameters()) == 8_899_983_424  # "8.9B parameters"
+    inputs = build_inputs(spec)
+    assert inputs.kwargs["hidden_states"].shape == (1, 4096, 64)
+    assert inputs.kwargs["encoder_hidden_states"].shape == (1, 512, 4096)
+    assert inputs.kwargs["attention_mask"].shape == (1, 512 + 4096)  # [text | image], as ChromaPipeline passes it
+    assert inputs.negative["attention_mask"].shape == (1, 512) and inputs.mask_arg is None
 
 
 @pytest.mark.parametrize("spec", TINY, ids=lambda s: s.name)
@@ -160,6 +187,64 @@ def test_flop_mode_official_way_on_joint_attention(spec):
         assert nag_official == nag  # SD3: mode makes no difference
     else:
         assert nag_official > nag  # Flux single blocks carry a second image copy in official mode
+
+
+def test_flop_mode_chroma_official_way_is_the_reference():
+    """Chroma: nagkit refuses mode="official" (n/a, not a failure); the official way is the in-repo reference of
+    ComfyUI-NAG's computation, which costs exactly nagkit's fast mode with two full attentions plus the single blocks'
+    linear layers on the negative row's image copy; nagkit's fast mode is the analytic minimum."""
+    result = run_family(TINY_CHROMA)
+    variants = result.variants
+    assert set(variants) == set(bench_flops.VARIANTS) and result.nag_supported and not result.notes
+    nag_official = variants["nag-official"]
+    assert nag_official.flops is None and nag_official.overhead is None
+    assert nag_official.note.startswith("n/a") and "no official NAG implementation" in nag_official.note
+    nag, official = variants["nag"].flops, variants["official"].flops
+    assert variants["none"].flops < nag < official
+    assert result.official_check_base == "nag" and official - nag == result.official_check_flops > 0
+    assert variants["nag+cfg"].flops == variants["none"].flops + nag
+    assert result.nag_minus_min == 0
+    model, inputs = bench_flops.build_model(TINY_CHROMA), build_inputs(TINY_CHROMA)
+    two, why = bench_flops.count_guided(model, inputs, "fast", two_attentions=True)
+    assert not why and official - two == bench_flops.image_copy_flops(model, TINY_CHROMA) > 0
+    report = {"families": [result.to_dict()], "seconds": 0.0, "versions": VERSIONS}
+    row = table_rows(report)[0]
+    assert row[COLUMNS.index("nag official-mode")] == "n/a" and row[COLUMNS.index("nag − min")] == "0 (exact)"
+    page = render_markdown(report)
+    assert "| tiny Chroma (64×64) |" in page and "it matches exactly for tiny Chroma" in page
+
+
+def test_chroma_official_reference_computes_nag():
+    """The Chroma reference is a real NAG implementation: with random weights and padded masks it gives nagkit's
+    fast-mode output with the L2 norm (the image copy never drifts: Chroma's modulation ignores the text), the plain
+    output at scale 1, and it restores the model's forward."""
+    import nagkit
+
+    spec = TINY_CHROMA.with_geometry(negative_tokens=5)
+    torch.manual_seed(0)
+    model = getattr(__import__("diffusers"), spec.model_class).from_config(spec.config).eval()
+    inputs = materialize(build_inputs(spec, dtype=torch.float32), spec, torch.device("cpu"), torch.float32,
+                         torch.Generator().manual_seed(1))
+    lt = spec.geometry.text_tokens
+    mask = inputs.kwargs["attention_mask"]
+    assert mask[:, :lt].sum() == lt - lt // 4 and bool(mask[:, lt:].eq(1).all())  # text padded, image tokens kept
+    assert inputs.negative["attention_mask"].sum() == 5 - 5 // 4
+    kwargs, negative = inputs.kwargs, inputs.negative
+    layout = OfficialLayout(lp=lt, ln=5, scale=4.0, tau=2.5, alpha=0.5)
+    reference = OFFICIAL_WAY[spec.inputs]
+    with torch.no_grad():
+        plain = model(**kwargs).sample
+        with reference(model, negative, layout):
+            official = model(**kwargs).sample
+        with reference(model, negative, OfficialLayout(lp=lt, ln=5, scale=1.0)):
+            unguided = model(**kwargs).sample
+        with nagkit.apply(model, negative=negative, scale=4.0, tau=2.5, alpha=0.5, norm="l2") as guide:
+            fast = model(**kwargs).sample
+            assert guide.state.calls["guided"] == 1
+    assert "forward" not in model.__dict__
+    assert not torch.allclose(official, plain, atol=1e-4)
+    torch.testing.assert_close(official, fast, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(unguided, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_negative_length_and_batch_scale_the_overhead():
@@ -311,6 +396,10 @@ def test_time_configs_are_reduced_and_valid():
     flux, lines = load_families()["flux1-dev"].for_time()
     assert (flux.config["num_layers"], flux.config["num_single_layers"]) == (1, 2)
     assert "num_layers: 19 → 1" in lines and any(line.startswith("size: 1024×1024 → 512×512") for line in lines)
+    chroma, lines = load_families()["chroma1-hd"].for_time()  # FLUX.1-dev's reduction, and the approximator ÷4
+    assert all(chroma.config[key] == flux.config[key] for key in load_families()["flux1-dev"].time["config"])
+    assert chroma.geometry == replace(flux.geometry, pooled_dim=0, mask=True, text_encoder="T5-XXL")
+    assert "approximator_hidden_dim: 5120 → 1280" in lines
     assert TINY_PIXART.for_time() == (TINY_PIXART, ["none"])
     spec, lines = reduce_for_time(TINY_PIXART, height=32, width=None)
     assert spec.geometry.height == 32 and lines == ["command line: height=32"]
@@ -331,7 +420,8 @@ def test_peak_memory_sees_an_allocation():
 
 def test_time_mode_smoke(tmp_path):
     """Structure of a time run on tiny families (one repeat); nothing about the measured values."""
-    report = run_time([reduce_for_time(TINY_PIXART), reduce_for_time(TINY_FLUX)], repeats=1, warmup=0)
+    report = run_time([reduce_for_time(TINY_PIXART), reduce_for_time(TINY_FLUX), reduce_for_time(TINY_CHROMA)],
+                      repeats=1, warmup=0)
     assert report["mode"] == "time" and report["settings"]["repeats"] == 1
     assert report["machine"]["torch_threads"] >= 1 and report["machine"]["cpu"]["logical_cpus"]
     for fam in report["families"]:
@@ -341,14 +431,18 @@ def test_time_mode_smoke(tmp_path):
         for name, v in variants.items():
             assert len(v["seconds"]) == 1 and v["median_s"] > 0, name
             assert v["flops"] > 0 and v["flop_overhead"] is not None, name
-            assert v["calls"] == (2 if name == "nag+cfg" or (name == "cfg" and fam["family"] == "tiny-flux") else 1)
+            separate = fam["family"] in ("tiny-flux", "tiny-chroma")  # pipelines with two CFG calls
+            assert v["calls"] == (2 if name == "nag+cfg" or (name == "cfg" and separate) else 1)
         assert variants["none"]["overhead"] == 0
         assert variants["cfg"]["flop_overhead"] == pytest.approx(1.0)
         assert variants["official"]["flop_overhead"] >= variants["nag"]["flop_overhead"] > 0
     assert report["families"][1]["variants"]["official"]["flop_overhead"] > \
         report["families"][1]["variants"]["nag"]["flop_overhead"]  # Flux: the official way does more
+    assert report["families"][2]["variants"]["official"]["flop_overhead"] > \
+        report["families"][2]["variants"]["nag"]["flop_overhead"]  # Chroma: the reference does more
+    assert {"flux", "chroma"} <= SEPARATE_CFG
     json.loads(json.dumps(report))
-    assert len(time_rows(report)) == 2 and len(memory_rows(report)) == 2
+    assert len(time_rows(report)) == 3 and len(memory_rows(report)) == 3
     assert "tiny FLUX" in render_terminal(report)
     # the time section replaces only its own part of the page
     page = tmp_path / "benchmarks.md"
@@ -390,7 +484,8 @@ def test_full_size_every_family():
         assert variants["cfg"]["overhead"] == pytest.approx(1.0), fam["family"]
         if variants["nag"]["overhead"] is not None:
             assert 0 < variants["nag"]["overhead"] < 0.2, fam["family"]
-            assert variants["nag"]["overhead"] <= variants["nag-official"]["overhead"], fam["family"]
+            if fam["family"] != "chroma1-hd":  # nagkit has no mode="official" for Chroma
+                assert variants["nag"]["overhead"] <= variants["nag-official"]["overhead"], fam["family"]
             assert variants["nag"]["overhead"] <= variants["official"]["overhead"], fam["family"]
         assert fam["nag_minus_min"] == 0, fam["family"]
         assert not fam["notes"], fam["family"]
@@ -400,9 +495,14 @@ def test_full_size_every_family():
     assert flux["nag-official"]["overhead"] == pytest.approx(0.710, abs=2e-3)  # notes: ≈ +71 %
     assert sd35["official"]["overhead"] == pytest.approx(0.290, abs=2e-3)  # notes: ≈ +29 %
     assert sd35["nag-official"]["flops"] == sd35["nag"]["flops"]
+    chroma = joint["chroma1-hd"]["variants"]
+    assert chroma["nag-official"]["flops"] is None and chroma["nag-official"]["note"].startswith("n/a")
+    assert chroma["nag"]["overhead"] == pytest.approx(0.1307, abs=2e-4)  # notes: ≈ +13.1 %
+    assert chroma["official"]["overhead"] == pytest.approx(0.761, abs=2e-3)  # notes: ≈ +76 % (ComfyUI-NAG's way)
+    assert joint["chroma1-hd"]["official_check_base"] == "nag"
     for fam in joint.values():
         v = fam["variants"]
-        assert v["official"]["flops"] - v["nag-official"]["flops"] == fam["official_check_flops"]
+        assert v["official"]["flops"] - v[fam["official_check_base"]]["flops"] == fam["official_check_flops"]
 
 
 @pytest.mark.bench

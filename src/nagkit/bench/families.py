@@ -46,7 +46,8 @@ class Geometry:
         image_dim: width of the image-context embeddings.
         pooled_dim: width of a pooled text embedding (SDXL ``text_embeds``, SD3/Flux ``pooled_projections``), or 0.
         time_ids: SDXL ``time_ids`` length, or 0.
-        mask: the family takes a text padding mask (``encoder_attention_mask``).
+        mask: the family takes a text padding mask (``encoder_attention_mask``; Chroma: ``attention_mask`` over
+            ``[text | image]``, the pipeline's text mask extended with ones over the image tokens).
         text_encoder: name of the text encoder, for reports.
     """
 
@@ -119,7 +120,7 @@ class FamilySpec:
         source: where the config values come from.
         model_class: name of the diffusers class.
         attention: ``"cross"`` (text cross-attention) or ``"joint"`` (MM-DiT joint attention).
-        inputs: which input builder to use (``unet``, ``wan``, ``pixart``, ``sana``, ``sd3``, ``flux``).
+        inputs: which input builder to use (``unet``, ``wan``, ``pixart``, ``sana``, ``sd3``, ``flux``, ``chroma``).
         config: keyword arguments of the class's ``__init__`` (the published ``config.json`` values).
         geometry: default call geometry.
         text_modules: dotted names of per-token text layers that NAG runs again on the negative's tokens
@@ -218,7 +219,8 @@ def load_families() -> dict[str, FamilySpec]:
     Returns:
         ``{name: FamilySpec}``.
     """
-    order = ["sd15", "sdxl", "wan21-t2v-14b", "wan21-i2v-14b", "pixart-sigma", "sana-1.6b", "sd35-large", "flux1-dev"]
+    order = ["sd15", "sdxl", "wan21-t2v-14b", "wan21-i2v-14b", "pixart-sigma", "sana-1.6b", "sd35-large", "flux1-dev",
+             "chroma1-hd"]
     specs = {}
     for entry in (resources.files(CONFIG_PACKAGE) / "configs").iterdir():
         if entry.name.endswith(".json"):
@@ -344,13 +346,19 @@ def build_inputs(spec: FamilySpec, batch: int | None = None, dtype: torch.dtype 
         kwargs = {"hidden_states": _meta(b, g.latent_channels, h, w, dtype=dtype), "timestep": timestep,
                   "encoder_hidden_states": text, "pooled_projections": _meta(b, g.pooled_dim, dtype=dtype)}
         return Inputs(kwargs=kwargs, negative=negative)
-    if kind == "flux":
+    if kind in ("flux", "chroma"):
         ph, pw = h // g.patch, w // g.patch
         kwargs = {"hidden_states": _meta(b, ph * pw, g.latent_channels * g.patch * g.patch, dtype=dtype),
                   "timestep": timestep, "encoder_hidden_states": text,
-                  "pooled_projections": _meta(b, g.pooled_dim, dtype=dtype),
-                  "img_ids": _meta(ph * pw, 3, dtype=dtype), "txt_ids": _meta(g.text_tokens, 3, dtype=dtype),
-                  "guidance": _meta(b, dtype=torch.float32)}
+                  "img_ids": _meta(ph * pw, 3, dtype=dtype), "txt_ids": _meta(g.text_tokens, 3, dtype=dtype)}
+        if kind == "flux":
+            kwargs["pooled_projections"] = _meta(b, g.pooled_dim, dtype=dtype)
+            kwargs["guidance"] = _meta(b, dtype=torch.float32)
+        elif g.mask:
+            # ChromaPipeline: the T5 padding mask (in the embeddings' dtype) extended with ones over the image tokens;
+            # not a text-only mask, so no ``mask_arg`` (nothing packs it but nagkit, which knows Chroma's layout)
+            kwargs["attention_mask"] = _meta(b, g.text_tokens + ph * pw, dtype=dtype)
+            negative["attention_mask"] = _meta(g.batch, g.negative_length, dtype=dtype)
         return Inputs(kwargs=kwargs, negative=negative)
     raise ValueError(f"unknown input builder {kind!r} for family {spec.name}")
 

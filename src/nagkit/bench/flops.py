@@ -10,7 +10,8 @@ Variants (``B`` = prompts per call):
 * ``cfg``: classifier-free guidance, one forward of batch 2B (unconditional + conditional);
 * ``nag``: nagkit's NAG, ``nagkit.apply(model, negative={...})`` (default ``mode="fast"``), one forward of batch B;
 * ``nag-official``: nagkit's ``mode="official"`` (with its default log-sum-exp sharing of the double blocks'
-  image→image attention): differs from ``nag`` on Flux only (single blocks carry a second image copy);
+  image→image attention): differs from ``nag`` on Flux only (single blocks carry a second image copy); n/a on
+  Chroma, where nagkit refuses it (no official implementation to reproduce);
 * ``nag+cfg``: NAG on the conditional branch of CFG, counted as two separate forwards: the unconditional rows plain
   (``none``) plus the conditional rows guided (``nag``) — nagkit's batched ``[uncond, cond]`` path also carries the
   negative's K/V projections on the unconditional rows (zero tokens), which this count leaves out;
@@ -18,7 +19,9 @@ Variants (``B`` = prompts per call):
   (:mod:`nagkit.bench.reference`), image queries tiled for the negative text batch. Joint-attention families:
   ``nagkit.apply(model, negative=..., mode="official")`` inside :func:`nagkit.kernels.joint.force_two_attentions`,
   i.e. two full joint attentions per block (image→image computed twice) plus the negative text stream, and on Flux
-  the single blocks on a doubled batch — the official diffusers pipelines' computation;
+  the single blocks on a doubled batch — the official diffusers pipelines' computation. Chroma (no official
+  implementation): the in-repo reference of ComfyUI-NAG's Chroma code (:data:`nagkit.bench.reference.OFFICIAL_WAY`),
+  which is the same FLUX way;
 * ``min``: the analytic minimum of any NAG implementation: the negative's per-token text layers, and in every
   text cross-attention the negative's key/value projections plus the image-query × negative-key attention.
 """
@@ -36,11 +39,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
 from .families import FamilySpec, Inputs, build_inputs, build_model, parameter_count
-from .reference import OfficialLayout, official_processors, text_cross_attention_modules
+from .reference import OFFICIAL_WAY, OfficialLayout, official_processors, text_cross_attention_modules
 
 VARIANTS = ("none", "cfg", "nag", "nag-official", "nag+cfg", "official", "min")
 NOT_SUPPORTED = "NAG: not supported yet"
 FAILED = "NAG failed"
+NOT_APPLICABLE = "n/a"  # a variant that does not exist for the family (e.g. nagkit's mode="official" on Chroma)
 
 
 def ensure_cpu_attention_formula() -> None:
@@ -125,8 +129,11 @@ class FamilyResult:
         nag_minus_min: nagkit's overhead minus the analytic minimum, as a fraction of ``none`` (None if unknown).
         min_check_flops: extra FLOPs of one forward with the negative tokens appended to the prompt's
             (cross-attention only): the minimum measured, equal to the analytic one when both are right.
-        official_check_flops: joint attention only: ``official − nag-official`` predicted by
-            :func:`shared_image_attention_flops` (the image→image attention that log-sum-exp sharing saves), or None.
+        official_check_flops: joint attention only: ``official − <official_check_base>`` as predicted: the
+            image→image attention that log-sum-exp sharing saves (:func:`shared_image_attention_flops`), plus on
+            Chroma the single blocks' work on the negative row's image copy (:func:`image_copy_flops`); or None.
+        official_check_base: the variant ``official_check_flops`` is relative to: ``nag-official``, or ``nag`` where
+            nagkit has no official mode (Chroma).
         notes: remarks for the report.
         seconds: wall time of the counting.
     """
@@ -142,6 +149,7 @@ class FamilyResult:
     nag_minus_min: float | None = None
     min_check_flops: int | None = None
     official_check_flops: int | None = None
+    official_check_base: str | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -240,28 +248,52 @@ def joint_minimum(model: torch.nn.Module, spec: FamilySpec) -> int:
     return total
 
 
-def shared_image_attention_flops(model: torch.nn.Module, spec: FamilySpec) -> int:
+def shared_image_attention_flops(model: torch.nn.Module, spec: FamilySpec, single_blocks: bool = False) -> int:
     """FLOPs of the image→image attention that the official way computes a second time, for the ``Z-`` branch.
 
     In every joint attention with a text stream of its own (``add_q_proj``: SD3 blocks, Flux double blocks) the
     official code runs two full joint attentions, so the image queries attend to the image keys twice; nagkit's
     log-sum-exp path computes that part once: ``4·B·C·Li²`` per module (``C`` the attention width, ``Li`` the image
-    tokens). Flux single blocks are not included: both ways run them on the doubled batch.
+    tokens). Flux single blocks are not included by default: nagkit's official mode runs them on the doubled batch
+    too. Chroma (``single_blocks=True``): nagkit's fast mode shares the image→image attention in the single blocks as
+    well, and the official way computes it once per row.
 
     Args:
         model: the meta model.
         spec: the family (geometry and the ``joint_attention`` patterns).
+        single_blocks: also count the joint attentions without a text stream of their own (single blocks).
 
     Returns:
-        ``official − nag-official`` in FLOPs, as it should be counted.
+        ``official − nag-official`` (``official − nag`` on Chroma, with :func:`image_copy_flops`) in FLOPs, as it
+        should be counted.
     """
     g = spec.geometry
     li = g.image_query_tokens
     total = 0
     for name, module in model.named_modules():
-        if _matches(name, spec.joint_attention) and getattr(module, "add_q_proj", None) is not None:
+        if _matches(name, spec.joint_attention) and (single_blocks or getattr(module, "add_q_proj", None) is not None):
             total += g.batch * 4 * module.to_q.out_features * li * li
     return total
+
+
+def image_copy_flops(model: torch.nn.Module, spec: FamilySpec) -> int:
+    """FLOPs of the single blocks' per-token layers on the image copy that the official FLUX way (and ComfyUI-NAG's
+    Chroma code) puts in the negative row: ``2·B·Li·C_in·C_out`` for every linear layer of a single block that every
+    token goes through (the ``single_transformer_blocks.*`` patterns of ``spec.text_linears``: q/k/v projections,
+    MLP in, output projection). The attention of the copy costs what nagkit's ``Z-`` costs, so it is not included.
+
+    Args:
+        model: the meta model.
+        spec: the family (geometry and the ``text_linears`` patterns).
+
+    Returns:
+        The extra FLOPs of the image copy.
+    """
+    g = spec.geometry
+    patterns = tuple(p for p in spec.text_linears if p.startswith("single_transformer_blocks."))
+    return sum(g.batch * g.image_query_tokens * 2 * module.in_features * module.out_features
+               for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and _matches(name, patterns))
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -366,6 +398,7 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) 
     cfg_inputs = build_inputs(spec, batch=2 * g.batch)
     record("cfg", count_flops(lambda: model(**cfg_inputs.kwargs)), "one forward of batch 2B")
 
+    reference = OFFICIAL_WAY.get(spec.inputs)  # an in-repo reference of the official way (Chroma), or None
     nag, reason = count_guided(model, inputs, "fast")
     result.nag_supported = not reason.startswith(NOT_SUPPORTED)
     if nag is None:
@@ -376,9 +409,12 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) 
     else:
         record("nag", nag, "nagkit.apply(model, negative=...)")
         nag_official, why = count_guided(model, inputs, "official")
-        record("nag-official", nag_official, why or "nagkit.apply(model, negative=..., mode='official')")
-        if why:
-            result.notes.append(f"mode='official': {why}")
+        if nag_official is None and reference is not None:  # nagkit refuses mode="official" (Chroma): expected
+            record("nag-official", None, f"{NOT_APPLICABLE}: {why.removeprefix(FAILED + ': ')}")
+        else:
+            record("nag-official", nag_official, why or "nagkit.apply(model, negative=..., mode='official')")
+            if why:
+                result.notes.append(f"mode='official': {why}")
         record("nag+cfg", variants["none"].flops + nag, "two forwards: uncond plain + cond guided")
 
     if cross:
@@ -393,15 +429,32 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) 
         if check != minimum:
             result.notes.append(f"analytic minimum {minimum} != measured concatenated-text check {check}")
     else:
-        official, why = (None, "NAG not available") if nag is None else count_guided(model, inputs, "official", True)
-        record("official", official, why or "mode='official' + force_two_attentions(): two full joint attentions")
-        if official is not None and variants["nag-official"].flops is not None and spec.joint_attention:
+        if reference is not None:
+            official: int | None = None
+            try:
+                with reference(model, inputs.negative, OfficialLayout(lp=g.text_tokens, ln=g.negative_length)):
+                    official = count_flops(lambda: model(**inputs.kwargs))
+                why = ""
+            except Exception as err:  # noqa: BLE001 - reported like a failing adapter
+                why = f"{FAILED}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                result.notes.append(f"official way (reference): {why}")
+            record("official", official, why or "in-repo reference of ComfyUI-NAG's Chroma code (the FLUX way): two "
+                   "full joint attentions per double block, single blocks on a doubled batch")
+            base = "nag"
+            expected = shared_image_attention_flops(model, spec, single_blocks=True) + image_copy_flops(model, spec)
+            explained = "the image→image attention computed twice and the single blocks' work on the image copy"
+        else:
+            official, why = (None, "NAG not available") if nag is None else \
+                count_guided(model, inputs, "official", True)
+            record("official", official, why or "mode='official' + force_two_attentions(): two full joint attentions")
+            base = "nag-official"
             expected = shared_image_attention_flops(model, spec)
-            result.official_check_flops = expected
-            measured = official - variants["nag-official"].flops
+            explained = "the image→image attention computed twice"
+        if official is not None and variants[base].flops is not None and spec.joint_attention:
+            result.official_check_flops, result.official_check_base = expected, base
+            measured = official - variants[base].flops
             if measured != expected:
-                result.notes.append(f"official − nag-official = {measured} FLOPs, expected {expected} (the "
-                                    "image→image attention computed twice)")
+                result.notes.append(f"official − {base} = {measured} FLOPs, expected {expected} ({explained})")
         if spec.joint_attention:
             record("min", variants["none"].flops + joint_minimum(model, spec), "analytic (joint attention)")
         else:

@@ -78,10 +78,13 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
                  f"{fam['base_tflops']:.2f}"]
         for name in FLOP_VARIANTS:
             value = variants[name]["overhead"]
+            note = variants[name]["note"]
             if value is not None:
                 cells.append(_percent(value))
+            elif note.startswith("n/a"):
+                cells.append("n/a")
             else:
-                cells.append("failed" if variants[name]["note"].startswith("NAG failed") else SHORT_NOTES[name])
+                cells.append("failed" if note.startswith("NAG failed") else SHORT_NOTES[name])
         cells.append(_gap(fam["nag_minus_min"]))
         rows.append(cells)
     return rows
@@ -335,7 +338,10 @@ def render_flops_section(report: dict[str, Any], chart: str | None) -> str:
         "* **nag official-mode**: nagkit's `mode=\"official\"` (the official outputs) with its default log-sum-exp "
         "sharing: the double blocks compute image→image attention once for `Z+` and `Z-`, but the FLUX single "
         "blocks carry a second copy of the image tokens under the negative's modulation, as the official code does. "
-        "Same as **nag** on every other family (SD3 included: `mode` changes nothing there).",
+        "Same as **nag** on the other families (SD3 included: `mode` changes nothing there); n/a on Chroma, where "
+        "nagkit refuses `mode=\"official\"`: there is no official Chroma implementation to reproduce, and since "
+        "Chroma's modulation does not depend on the text, the official FLUX way's image copy never drifts from the "
+        "image stream, so its outputs are nagkit's fast-mode outputs (with the L2 norm).",
         "* **nag+cfg**: NAG on the conditional branch of CFG, counted as two forwards (unconditional plain + "
         "conditional guided). nagkit's batched `[uncond, cond]` call also projects the keys/values of the zero "
         "negative tokens on the unconditional rows, which this column leaves out.",
@@ -348,7 +354,10 @@ def render_flops_section(report: dict[str, Any], chart: str | None) -> str:
         "q/k/v are tiled over the doubled text batch, so every joint attention runs twice in full (image→image "
         "included), the negative text is its own stream, and on FLUX the single-stream blocks run the whole "
         "`[text; image]` sequence on a doubled batch (the image tokens duplicated under the negative's "
-        "modulation).",
+        "modulation). Chroma has no official implementation; ComfyUI-NAG does it the FLUX way, and its computation "
+        "is an in-repo reference (`nagkit.bench.reference.chroma_official_forward`): modulation vectors computed "
+        "once, two full joint attentions per double block, the single blocks on a doubled batch with an image copy, "
+        "the L2 norm. Its outputs match nagkit's fast mode with `norm=\"l2\"` (tested on a small random model).",
         "* **min**: the analytic minimum of any NAG implementation. Cross-attention: the negative's per-token text "
         "layers (caption projection / text embedder), its key/value projections and the image-query × negative-key "
         "attention in every text cross-attention. Joint attention: the negative text as its own stream through every "
@@ -360,7 +369,8 @@ def render_flops_section(report: dict[str, Any], chart: str | None) -> str:
         "* Each denoiser is built with its class's `__init__` from the config in `src/nagkit/bench/configs/` under "
         "`torch.device(\"meta\")`, cast to bf16: no weights, no memory. Inputs are meta tensors of the shapes a "
         "pipeline passes (latents from resolution, frames and the VAE factors; timesteps; text embeddings; SDXL "
-        "`added_cond_kwargs`; PixArt/Sana text masks; Wan I2V CLIP image tokens; Flux ids and guidance).",
+        "`added_cond_kwargs`; PixArt/Sana text masks; Wan I2V CLIP image tokens; Flux ids and guidance; Chroma ids "
+        "and its `[text | image]` attention mask).",
         "* FLOPs come from `torch.utils.flop_counter.FlopCounterMode`: matmuls, convolutions and attention, a "
         "multiply-add counting 2. Elementwise work (norms, softmax, RoPE, the NAG combination itself) is not counted; "
         "it is O(L·C), small next to O(L·C²), but not free in wall time.",
@@ -395,12 +405,17 @@ def _official_check_sentence(report: dict[str, Any]) -> str:
     checked = [f for f in report["families"] if f.get("official_check_flops") is not None]
     text = ("* For joint-attention families, **official − nag official-mode** is checked against the image→image "
             "attention that log-sum-exp sharing saves, `4·B·C·Li²` per joint attention with a text stream (SD3 "
-            "blocks, FLUX double blocks): ")
+            "blocks, FLUX double blocks); on Chroma (no official mode), **official − nag** against that attention in "
+            "every joint attention (single blocks included) plus the single blocks' linear layers on the image copy, "
+            "`2·B·Li·C_in·C_out` each: ")
     if not checked:
         return text + "no joint-attention family in this run."
+
+    def base(fam: dict[str, Any]) -> int:
+        return fam["variants"][fam.get("official_check_base") or "nag-official"]["flops"]
+
     wrong = [f["title"] for f in checked
-             if f["variants"]["official"]["flops"] - f["variants"]["nag-official"]["flops"]
-             != f["official_check_flops"]]
+             if f["variants"]["official"]["flops"] - base(f) != f["official_check_flops"]]
     if not wrong:
         return text + "it matches exactly for " + ", ".join(f["title"] for f in checked) + "."
     return text + f"it differs for {', '.join(wrong)} (see the notes)."
@@ -468,11 +483,12 @@ def render_time_section(report: dict[str, Any]) -> str:
         "### Method",
         "",
         "* Variants: **none** one conditional forward; **cfg** CFG as the family's diffusers pipeline runs it (one "
-        "forward of batch 2B for SD1.5, SDXL, PixArt, Sana and SD3; two forwards for Wan and FLUX's `true_cfg_scale`); "
-        "**nag** `nagkit.apply(model, negative=...)` (`mode=\"fast\"`); **official** the official implementation's "
-        "computation (cross attention: the in-repo reference `nagkit.bench.reference`, i.e. nagkit's own "
-        "computation plus batch tiling; joint attention: `mode=\"official\"` inside `force_two_attentions()`, as in "
-        "the FLOP table); **nag+cfg** two forwards, the unconditional one plain and the conditional one guided (the "
+        "forward of batch 2B for SD1.5, SDXL, PixArt, Sana and SD3; two forwards for Wan, FLUX's `true_cfg_scale` and "
+        "Chroma); **nag** `nagkit.apply(model, negative=...)` (`mode=\"fast\"`); **official** the official "
+        "implementation's computation (cross attention: the in-repo reference `nagkit.bench.reference`, i.e. "
+        "nagkit's own computation plus batch tiling; joint attention: `mode=\"official\"` inside "
+        "`force_two_attentions()`; Chroma: the in-repo reference of ComfyUI-NAG's computation; as in the FLOP "
+        "table); **nag+cfg** two forwards, the unconditional one plain and the conditional one guided (the "
         "bare-denoiser API cannot express a batched `[uncond, cond]` call with one prompt: a one-row negative guides "
         "every row), so for the batched-CFG families **nag+cfg − cfg** also contains the difference between one "
         "call of batch 2 and two calls of batch 1.",

@@ -7,12 +7,13 @@ layers and of the text tokens) with real, seeded random weights. Every variant i
 
 * ``none``: one conditional forward, batch B;
 * ``cfg``: classifier-free guidance as the family's diffusers pipeline calls it: one forward of batch 2B
-  (unconditional + conditional: SD1.5, SDXL, PixArt, Sana, SD3), or two forwards of batch B (Wan, and Flux's
-  ``true_cfg_scale``: :data:`SEPARATE_CFG`);
+  (unconditional + conditional: SD1.5, SDXL, PixArt, Sana, SD3), or two forwards of batch B (Wan, Flux's
+  ``true_cfg_scale`` and Chroma: :data:`SEPARATE_CFG`);
 * ``nag``: nagkit, ``nagkit.apply(model, negative={...})`` (``mode="fast"``), one forward of batch B;
 * ``official``: the official implementation's computation. Cross-attention families: the in-repo reference
   (:mod:`nagkit.bench.reference`) on the packed text; joint-attention families: ``mode="official"`` inside
   :func:`nagkit.kernels.joint.force_two_attentions` (two full joint attentions; Flux single blocks batch-doubled);
+  Chroma: the in-repo reference of ComfyUI-NAG's computation (:data:`nagkit.bench.reference.OFFICIAL_WAY`);
 * ``nag+cfg``: two forwards, the unconditional call plain and the conditional call guided. That is how the Wan and
   Flux pipelines call the denoiser; the batched-CFG pipelines make one call of batch 2B with the conditional half
   guided, which ``nagkit.apply(denoiser, negative=...)`` cannot express for B = 1 (a one-row negative guides every
@@ -44,13 +45,13 @@ import torch
 
 from .families import FamilySpec, Inputs, _quiet_diffusers, build_inputs, build_model, parameter_count
 from .flops import count_flops, count_guided, packed_kwargs
-from .reference import OfficialLayout, official_processors
+from .reference import OFFICIAL_WAY, OfficialLayout, official_processors
 
 TIME_VARIANTS = ("none", "cfg", "nag", "official", "nag+cfg")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _PR_SET_THP_DISABLE = 41  # Linux prctl option
 #: Input builders (``FamilySpec.inputs``) whose pipelines run CFG as two separate denoiser calls.
-SEPARATE_CFG = frozenset({"wan", "flux"})
+SEPARATE_CFG = frozenset({"wan", "flux", "chroma"})
 
 
 # ------------------------------------------------------------------------------------------------ machine
@@ -228,8 +229,9 @@ def materialize(inputs: Inputs, spec: FamilySpec, device: torch.device, dtype: t
                 generator: torch.Generator) -> Inputs:
     """Real tensors of the shapes of :func:`nagkit.bench.families.build_inputs`'s meta inputs.
 
-    Float tensors are standard normal (seeded), timesteps mid-schedule (500, Flux 0.5 with guidance 3.5), text masks
-    ones with the last quarter of the tokens padded (a prompt shorter than the encoder's length).
+    Float tensors are standard normal (seeded), timesteps mid-schedule (500, Flux and Chroma 0.5; Flux guidance 3.5),
+    text masks ones with the last quarter of the text tokens padded (a prompt shorter than the encoder's length;
+    Chroma's float ``[text | image]`` mask keeps its image part at one).
 
     Args:
         inputs: meta inputs (and negative) of one call.
@@ -242,17 +244,21 @@ def materialize(inputs: Inputs, spec: FamilySpec, device: torch.device, dtype: t
         A new :class:`Inputs` on ``device``.
     """
 
+    g = spec.geometry
+
     def real(key: str, x: Any) -> Any:
         if isinstance(x, dict):
             return {k: real(k, v) for k, v in x.items()}
         if not isinstance(x, torch.Tensor):
             return x
-        if x.dtype == torch.long:
-            mask = torch.ones(x.shape, dtype=torch.long)
-            mask[..., x.shape[-1] - x.shape[-1] // 4:] = 0
+        if x.dtype == torch.long or (spec.inputs == "chroma" and key == "attention_mask"):
+            joint = spec.inputs == "chroma" and x.shape[-1] == g.text_tokens + g.image_query_tokens
+            text = g.text_tokens if joint else x.shape[-1]
+            mask = torch.ones(x.shape, dtype=x.dtype if x.dtype == torch.long else dtype)
+            mask[..., text - text // 4: text] = 0
             return mask.to(device)
         if key == "timestep":
-            return torch.full(x.shape, 0.5 if spec.inputs == "flux" else 500.0, device=device)
+            return torch.full(x.shape, 0.5 if spec.inputs in ("flux", "chroma") else 500.0, device=device)
         if key == "guidance":
             return torch.full(x.shape, 3.5, device=device)
         return torch.randn(x.shape, generator=generator).to(device=device, dtype=dtype)
@@ -342,9 +348,13 @@ def variant_calls(model: torch.nn.Module, spec: FamilySpec, inputs: Inputs, cfg_
     def guided(mode: str = "fast", two: bool = False) -> Callable[[], AbstractContextManager[Any]]:
         return lambda: nag_context(model, neg, mode, two)
 
+    reference = OFFICIAL_WAY.get(spec.inputs)
     if spec.attention == "cross":
         layout = OfficialLayout(lp=g.text_tokens, ln=g.negative_length, image_tokens=g.image_tokens)
         official = Call(packed_kwargs(inputs), lambda: official_processors(model, layout))
+    elif reference is not None:
+        layout = OfficialLayout(lp=g.text_tokens, ln=g.negative_length)
+        official = Call(inputs.kwargs, lambda: reference(model, neg, layout))
     else:
         official = Call(inputs.kwargs, guided("official", True), guided=True)
     return {
@@ -483,12 +493,16 @@ def time_flops(spec: FamilySpec) -> dict[str, int | None]:
     inputs = build_inputs(spec)
     none = count_flops(lambda: model(**inputs.kwargs))
     nag, _ = count_guided(model, inputs, "fast")
+    g = spec.geometry
+    reference = OFFICIAL_WAY.get(spec.inputs)
     if spec.attention == "cross":
-        g = spec.geometry
         layout = OfficialLayout(lp=g.text_tokens, ln=g.negative_length, image_tokens=g.image_tokens)
         packed = packed_kwargs(inputs)
         with official_processors(model, layout):
             official: int | None = count_flops(lambda: model(**packed))
+    elif reference is not None:
+        with reference(model, inputs.negative, OfficialLayout(lp=g.text_tokens, ln=g.negative_length)):
+            official = count_flops(lambda: model(**inputs.kwargs))
     else:
         official, _ = count_guided(model, inputs, "official", two_attentions=True)
     return {"none": none, "cfg": 2 * none, "nag": nag, "official": official,

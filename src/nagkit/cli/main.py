@@ -1,7 +1,9 @@
-"""``nagkit`` command line: ``nagkit generate`` and ``nagkit info``.
+"""``nagkit`` command line: ``nagkit demo``, ``nagkit generate``, ``nagkit info`` and ``nagkit bench``.
 
 Examples::
 
+    nagkit demo                                                             # offline, embedded model, < 2 min
+    nagkit generate "a circle" --negative "red"                             # the embedded model
     nagkit generate black-forest-labs/FLUX.1-schnell "a corgi" --negative "blurry" --steps 4
     nagkit generate tiny-sdxl "a red cat" --negative "blurry" --out out/cat.png      # offline, built-in tiny model
     nagkit info Wan-AI/Wan2.1-T2V-1.3B-Diffusers
@@ -26,10 +28,26 @@ class CLIError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ loading
+EMBEDDED = "embedded"  # the model name of the embedded toy pipeline (the default of `nagkit generate`)
+
+
 def _is_tiny(model: str) -> bool:
     from ..tiny.pipelines import TINY_PIPELINES
 
     return model in TINY_PIPELINES
+
+
+def _load_builtin(model: str) -> Any:
+    if model == EMBEDDED:
+        from ..toy.model import load_embedded_pipeline
+
+        try:
+            return load_embedded_pipeline()
+        except FileNotFoundError as err:
+            raise CLIError(str(err)) from None
+    from ..tiny.pipelines import TINY_PIPELINES
+
+    return TINY_PIPELINES[model](seed=0)
 
 
 def load_pipeline(model: str, dtype: str, device: str, offload: bool) -> Any:
@@ -37,10 +55,8 @@ def load_pipeline(model: str, dtype: str, device: str, offload: bool) -> Any:
     import torch
 
     torch_dtype = getattr(torch, dtype)
-    if _is_tiny(model):
-        from ..tiny.pipelines import TINY_PIPELINES
-
-        pipe = TINY_PIPELINES[model](seed=0)
+    if _is_tiny(model) or model == EMBEDDED:
+        pipe = _load_builtin(model)
         if torch_dtype != torch.float32:
             pipe.to(dtype=torch_dtype)
     else:
@@ -60,10 +76,8 @@ def load_pipeline(model: str, dtype: str, device: str, offload: bool) -> Any:
 
 
 def _model_index(model: str) -> dict[str, Any]:
-    if _is_tiny(model):
-        from ..tiny.pipelines import TINY_PIPELINES
-
-        pipe = TINY_PIPELINES[model](seed=0)
+    if _is_tiny(model) or model == EMBEDDED:
+        pipe = _load_builtin(model)
         index = {"_class_name": type(pipe).__name__}
         index.update({k: ["diffusers", type(v).__name__] for k, v in pipe.components.items() if v is not None})
         return index
@@ -169,6 +183,11 @@ def _call_kwargs(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
             raise CLIError(f"cannot read --image {args.image}: {err}") from None
     generator_device = "cpu" if args.offload else args.device
     kwargs["generator"] = torch.Generator(device=generator_device).manual_seed(args.seed)
+    if args.model == EMBEDDED:
+        from ..toy.model import EMBEDDED_CALL_KWARGS
+
+        for key, value in EMBEDDED_CALL_KWARGS.items():
+            kwargs.setdefault(key, value)
     if _is_tiny(args.model):
         from ..tiny.pipelines import TINY_CALL_KWARGS
 
@@ -216,11 +235,25 @@ def _save(result: Any, args: argparse.Namespace) -> list[Path]:
     return paths
 
 
+def _split_model_prompt(args: argparse.Namespace) -> None:
+    """``nagkit generate [MODEL] PROMPT``: one positional is the prompt for the embedded model."""
+    if len(args.words) == 1:
+        args.model, args.prompt = EMBEDDED, args.words[0]
+    elif len(args.words) == 2:
+        args.model, args.prompt = args.words
+    else:
+        raise CLIError(f"expected [MODEL] PROMPT, got {len(args.words)} positional arguments (quote the prompt)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import diffusers
     import torch
 
     from .. import __version__, apply
+
+    _split_model_prompt(args)
+    if args.steps is None:
+        args.steps = 8 if args.model == EMBEDDED else 4
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -256,7 +289,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``nagkit demo``: the embedded model, no guidance / CFG / NAG at 1, 2, 4, 8 steps, one PNG grid + numbers."""
+    import json as json_
+
+    from ..toy.demo import format_demo, run_demo
+    from ..toy.evaluate import negative_present
+    from ..toy.judge import Verdict
+
+    if args.seeds < 1:
+        raise CLIError("--seeds must be >= 1")
+    try:
+        negative_present(Verdict(background="white"), args.negative)
+        from ..toy.data import parse_caption
+
+        parse_caption(args.prompt)
+    except ValueError as err:
+        raise CLIError(f"{err} (the embedded model knows the toy grammar: see `nagkit demo --help`)") from None
+    print("loading the embedded model ...", file=sys.stderr)
+    try:
+        result = run_demo(args.out, args.prompt, args.negative, seeds=args.seeds, cfg_scale=args.cfg_scale,
+                          nag_scale=args.nag_scale)
+    except FileNotFoundError as err:
+        raise CLIError(str(err)) from None
+    print(format_demo(result))
+    if args.json:
+        Path(args.json).write_text(json_.dumps(result, indent=1))
+        print(args.json)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ bench
+def cmd_quality(args: argparse.Namespace) -> int:
+    """``nagkit bench --quality``: negative-attribute rate, fidelity and artifacts on the embedded model."""
+    from ..bench.quality import render_quality, run_quality, write_json, write_quality_markdown
+
+    if args.seeds < 1:
+        raise CLIError("--seeds must be >= 1")
+    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        report = run_quality(seeds=args.seeds, progress=progress)
+    except FileNotFoundError as err:
+        raise CLIError(str(err)) from None
+    print(render_quality(report))
+    if args.json:
+        print(write_json(report, args.json))
+    if args.markdown:
+        page, grid = write_quality_markdown(report, args.markdown)
+        print(page)
+        if grid is not None:
+            print(grid)
+    return 0
+
+
 def _bench_specs(args: argparse.Namespace) -> list[Any]:
     """The families ``nagkit bench`` runs, with the command line's geometry; FLOP mode: specs, time mode:
     ``(reduced spec, reductions)`` pairs. Raises :class:`CLIError` on unknown families or invalid geometry."""
@@ -296,6 +382,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     Returns:
         The exit status (0).
     """
+    if args.quality:
+        return cmd_quality(args)
     from ..bench import run_flops, run_time
     from ..bench.report import render_terminal, write_json, write_markdown
 
@@ -334,9 +422,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nagkit", description="Normalized Attention Guidance for diffusers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    demo = sub.add_parser(
+        "demo", help="offline demo on the embedded model: no guidance / CFG / NAG at 1, 2, 4, 8 steps (PNG grid)",
+        description="Generate with the embedded toy model (FLUX architecture, 32x32, trained by nagkit) for one "
+                    "prompt and negative: rows no guidance, CFG with the negative, NAG; columns 1, 2, 4, 8 steps. "
+                    "Prompts follow the toy grammar: [a|an] [small|large] [COLOUR] (circle|square|triangle|shape) "
+                    "[at the POSITION] [and ...] [on a COLOUR background], or 'two shapes'. Colours: red green blue "
+                    "yellow purple orange white black. Negatives name colours, kinds, sizes, positions or "
+                    "'COLOUR background'.")
+    demo.add_argument("--prompt", default=None, help="prompt (default: 'a circle')")
+    demo.add_argument("--negative", default=None, help="negative prompt (default: 'red')")
+    demo.add_argument("--seeds", type=int, default=16, help="images per cell (the grid shows 4; default 16)")
+    demo.add_argument("--cfg-scale", type=float, default=None, help="CFG row's true_cfg_scale (default 4)")
+    demo.add_argument("--nag-scale", type=float, default=5.0, help="NAG row's scale (default 5, the Flux preset)")
+    demo.add_argument("--out", default="nagkit_demo.png", help="grid PNG path (default: nagkit_demo.png)")
+    demo.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON")
+    demo.set_defaults(func=cmd_demo)
+
     gen = sub.add_parser("generate", help="generate with NAG; writes PNG/MP4 plus a JSON sidecar")
-    gen.add_argument("model", help="hub id, local path, or a built-in tiny model (tiny-sdxl, tiny-wan, ...)")
-    gen.add_argument("prompt")
+    gen.add_argument("words", nargs="+", metavar="[MODEL] PROMPT",
+                     help="optional model (hub id, local path, 'embedded' or a built-in tiny model: tiny-sdxl, "
+                          "tiny-flux, ...; default: the embedded model), then the prompt")
     gen.add_argument("--negative", default=None, help="NAG negative prompt (default: the CFG negative, else '')")
     gen.add_argument("--cfg-negative", default=None, help="the pipeline's own CFG negative_prompt")
     gen.add_argument("--nag-scale", type=float, default=None, help="nag_scale = paper phi + 1 (<= 1 is off)")
@@ -348,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--nag-norm", default=None, choices=("l1", "l2"), help="norm of the cap (default by mode)")
     gen.add_argument("--start", type=float, default=None, help="schedule position where NAG starts (0..1)")
     gen.add_argument("--end", type=float, default=None, help="schedule position where NAG ends (0..1, = nag_end)")
-    gen.add_argument("--steps", type=int, default=4)
+    gen.add_argument("--steps", type=int, default=None, help="sampling steps (default 4; embedded model: 8)")
     gen.add_argument("--guidance", type=float, default=None, help="the pipeline's guidance_scale (CFG)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--height", type=int, default=None)
@@ -370,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="cost of NAG/CFG: exact FLOPs on full-size models (no weights) or wall "
                                           "time on reduced models")
+    bench.add_argument("--quality", action="store_true",
+                       help="quality benchmark on the embedded model instead of cost: negative-attribute rate, "
+                            "prompt fidelity, artifacts for none / CFG / NAG (fast and official) at 1-25 steps "
+                            "(about 15 min on 2 cores); --markdown docs/quality.md")
+    bench.add_argument("--seeds", type=int, default=32, help="quality: seeds per (pair, method, steps)")
     bench.add_argument("--mode", default="flops", choices=("flops", "time"),
                        help="flops: exact counts on the meta device (default); time: wall time and peak memory per "
                             "denoiser call on reduced configs with random weights (about 5 min on 2 CPU cores)")
@@ -401,7 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nagkit`` command."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "steps", 1) < 1 or getattr(args, "batch", 1) < 1:
+    if args.command == "demo":
+        from ..toy.demo import DEMO_CFG_SCALE, DEMO_NEGATIVE, DEMO_PROMPT
+
+        args.prompt = DEMO_PROMPT if args.prompt is None else args.prompt
+        args.negative = DEMO_NEGATIVE if args.negative is None else args.negative
+        args.cfg_scale = DEMO_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
+    if (getattr(args, "steps", 1) or 1) < 1 or getattr(args, "batch", 1) < 1:
         print("nagkit: error: --steps and --batch must be >= 1", file=sys.stderr)
         return 2
     try:

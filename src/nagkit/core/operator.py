@@ -80,18 +80,23 @@ def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: Number, tau: Nu
     Returns:
         The guided output, same shape and dtype as ``z_pos``.
     """
-    p, n = z_pos.float(), z_neg.float()
+    z = z_pos.float()
     # NAG is homogeneous: nag(c·Z+, c·Z-) = c·nag(Z+, Z-). Working on each token divided by a power of two near its
     # largest entry keeps every intermediate (s·Z+, the norms) far from overflow, and the power-of-two scaling is exact.
-    peak = torch.maximum(p.abs().amax(-1, keepdim=True), n.abs().amax(-1, keepdim=True)).clamp_min(_TINY)
+    peak = torch.maximum(z.abs().amax(-1, keepdim=True), z_neg.abs().amax(-1, keepdim=True).float()).clamp_min(_TINY)
     unit = torch.exp2(torch.floor(torch.log2(peak)))
-    p, n = p / unit, n / unit
-    g = p * scale - n * (scale - 1)
+    inv = 1.0 / unit  # exact: a power of two
+    p, n = z * inv, z_neg.float() * inv
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(device=p.device, dtype=p.dtype)
+    g = torch.lerp(n, p, scale)  # s·p − (s−1)·n
     order = 1 if norm == "l1" else 2
     n_pos = torch.linalg.vector_norm(p, ord=order, dim=-1, keepdim=True)
     n_g = torch.linalg.vector_norm(g, ord=order, dim=-1, keepdim=True)
-    factor = (tau * n_pos / n_g.clamp_min(_TINY)).clamp(max=1.0)
-    out = (p + alpha * (g * factor - p)) * unit
+    factor = (tau * n_pos / n_g.clamp_min(_TINY)).clamp(max=1.0)  # min(1, τ‖Z+‖/‖Z~‖) = min(r, τ)/r
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(device=p.device, dtype=p.dtype)
+    out = torch.lerp(p, g * factor, alpha) * unit  # α·Ẑ + (1−α)·Z+, back to Z's scale (exact)
     if z_pos.dtype != torch.float32:  # saturate instead of overflowing a narrower dtype
         big = torch.finfo(z_pos.dtype).max
         out = out.clamp(-big, big)

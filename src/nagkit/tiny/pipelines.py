@@ -178,7 +178,9 @@ def _word_merges(words: Iterable[list[str]], vocab: dict[str, int]) -> list[tupl
     return merges
 
 
-def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+def tiny_clip_tokenizer(
+    model_max_length: int = CLIP_MAX_LENGTH, pad_token: str = "<|endoftext|>", words: Iterable[str] | None = None
+) -> CLIPTokenizer:
     """Build a byte-level BPE ``CLIPTokenizer`` over the tiny word list, in memory.
 
     Every byte has a token, so any text tokenizes (words outside the list are split into characters).
@@ -186,6 +188,7 @@ def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH, pad_token: str 
     Args:
         model_max_length: Maximum sequence length (the SD pipelines pad/truncate to it).
         pad_token: Padding token (``"<|endoftext|>"`` like SD 1.5, ``"!"`` like the second SDXL tokenizer).
+        words: Words that become single tokens (default: :func:`vocabulary_words`).
 
     Returns:
         A ready ``CLIPTokenizer`` (bos ``<|startoftext|>``, eos/unk ``<|endoftext|>``).
@@ -196,8 +199,9 @@ def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH, pad_token: str 
         vocab[ch] = len(vocab)
     for ch in byte_chars:
         vocab[ch + "</w>"] = len(vocab)
-    words = [[*w[:-1], w[-1] + "</w>"] for w in vocabulary_words() if len(w) > 1]
-    merges = _word_merges(words, vocab)
+    words_ = vocabulary_words() if words is None else list(words)
+    merged = [[*w[:-1], w[-1] + "</w>"] for w in words_ if len(w) > 1]
+    merges = _word_merges(merged, vocab)
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     tokenizer = CLIPTokenizer(
@@ -213,19 +217,21 @@ def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH, pad_token: str 
     return tokenizer
 
 
-def tiny_t5_tokenizer(model_max_length: int = WAN_TEXT_LENGTH) -> T5Tokenizer:
+def tiny_t5_tokenizer(model_max_length: int = WAN_TEXT_LENGTH, words: Iterable[str] | None = None) -> T5Tokenizer:
     """Build a Unigram ``T5Tokenizer`` (as used by PixArt / Wan) over the tiny word list, in memory.
 
     Words are ``▁word`` pieces; other words fall back to single characters and unknown characters map to ``<unk>``.
 
     Args:
         model_max_length: Tokenizer ``model_max_length``; the pipelines pass their own ``max_sequence_length``.
+        words: Words that become single ``▁word`` pieces (default: :func:`vocabulary_words`).
 
     Returns:
         A ready ``T5Tokenizer`` with ``<pad>``=0, ``</s>``=1, ``<unk>``=2 and an ``</s>`` appended to each text.
     """
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(f"▁{w}", -1.0 - 0.01 * len(w)) for w in vocabulary_words()]
+    words_ = vocabulary_words() if words is None else list(words)
+    pieces += [(f"▁{w}", -1.0 - 0.01 * len(w)) for w in words_]
     pieces += [(c, -5.0) for c in _LETTERS + [c.upper() for c in _LETTERS] + _DIGITS + _PUNCT]
     pieces += [(f"▁{c}", -4.5) for c in [c.upper() for c in _LETTERS] + _DIGITS + _PUNCT]
     tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)

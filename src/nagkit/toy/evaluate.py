@@ -1,0 +1,196 @@
+"""Generate with the embedded model under a guidance method and score the images with the judge.
+
+A :class:`Method` is one way of using a negative prompt: ``none`` (the negative is ignored), ``cfg`` (true
+classifier-free guidance, ``negative_prompt`` + ``true_cfg_scale``) or ``nag`` (``nagkit.apply`` with the negative as
+NAG negative). :func:`generate` runs a batch of seeds (one ``torch.Generator`` per seed, so an image depends only on
+its seed); :func:`score` reads each image with :func:`nagkit.toy.judge.judge` and reports:
+
+* ``negative_rate``: fraction of images showing the negative attribute (:func:`negative_present`);
+* ``fidelity``: fraction satisfying everything the prompt says (:func:`nagkit.toy.judge.satisfies`);
+* ``off_palette``: mean fraction of pixels far from every palette colour (artifacts, smears);
+* ``confidence``: mean judge confidence (low when shapes are malformed or colours ambiguous).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from nagkit.toy.data import ALL_KINDS, COLOURS, POSITIONS, SIZES
+from nagkit.toy.judge import Verdict, judge, satisfies
+from nagkit.toy.model import EMBEDDED_CALL_KWARGS, TRAIN_KINDS
+
+__all__ = ["Method", "generate", "image_grid", "negative_present", "score"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way of using the negative prompt.
+
+    Attributes:
+        kind: ``"none"``, ``"cfg"`` or ``"nag"``.
+        scale: CFG ``true_cfg_scale`` or NAG ``scale`` (ignored for ``none``).
+        tau: NAG ``tau`` (``None``: the preset's).
+        alpha: NAG ``alpha`` (``None``: the preset's).
+        mode: NAG mode, ``"fast"`` or ``"official"``.
+    """
+
+    kind: str
+    scale: float = 1.0
+    tau: float | None = None
+    alpha: float | None = None
+    mode: str = "fast"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "cfg", "nag"):
+            raise ValueError(f"Method.kind must be 'none', 'cfg' or 'nag', got {self.kind!r}")
+
+    @property
+    def label(self) -> str:
+        """Short name for tables, e.g. ``"NAG 5 (fast)"``."""
+        if self.kind == "none":
+            return "none"
+        if self.kind == "cfg":
+            return f"CFG {self.scale:g}"
+        extra = "" if self.tau is None and self.alpha is None else f" τ{self.tau:g} α{self.alpha:g}"
+        return f"NAG {self.scale:g}{extra} ({self.mode})"
+
+
+def generate(
+    pipe: Any, prompt: str, negative: str, method: Method, steps: int, seeds: Sequence[int]
+) -> list[Image.Image]:
+    """Generate one image per seed with the embedded pipeline.
+
+    Args:
+        pipe: The embedded ``FluxPipeline`` (:func:`nagkit.toy.model.load_embedded_pipeline`), without a guide.
+        prompt: Prompt.
+        negative: Negative prompt (used by ``cfg`` and ``nag``).
+        method: Guidance method.
+        steps: Sampling steps (≥ 1).
+        seeds: One seed per image.
+
+    Returns:
+        PIL images, in seed order.
+    """
+    from nagkit import apply
+
+    kwargs = {**EMBEDDED_CALL_KWARGS, "num_inference_steps": steps, "num_images_per_prompt": len(seeds)}
+    kwargs["generator"] = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    if method.kind == "cfg":
+        return pipe(prompt, negative_prompt=negative, true_cfg_scale=method.scale, **kwargs).images
+    if method.kind == "none":
+        return pipe(prompt, **kwargs).images
+    options = {"scale": method.scale, "mode": method.mode}
+    options.update({k: v for k, v in (("tau", method.tau), ("alpha", method.alpha)) if v is not None})
+    with apply(pipe, negative_prompt=negative, **options):
+        return pipe(prompt, **kwargs).images
+
+
+def negative_present(verdict: Verdict, negative: str) -> bool:
+    """Whether an image shows what a negative prompt names.
+
+    The negative is read as one noun phrase of the toy grammar without article: colour / size / kind / position
+    words (e.g. ``"red"``, ``"circle"``, ``"large red square"``) name a shape that has *all* of them; with the word
+    ``background`` the colour names the background (``"red background"``); a negative of colour words only is
+    present when a shape *or* the background has that colour.
+
+    Args:
+        verdict: Judge output.
+        negative: The negative prompt.
+
+    Returns:
+        ``True`` when the named attribute(s) appear.
+
+    Raises:
+        ValueError: If the negative names no attribute the judge can read.
+    """
+    words = negative.lower().replace(",", " ").split()
+    text = " ".join(words)
+    colours = [w for w in words if w in COLOURS]
+    kinds = [w for w in words if w in ALL_KINDS]
+    sizes = [w for w in words if w in SIZES]
+    positions = [p for p in sorted(POSITIONS, key=len, reverse=True) if f" {p} " in f" {text} "]
+    if "background" in words:
+        if not colours:
+            raise ValueError(f"negative {negative!r}: a background negative needs a colour")
+        return verdict.background in colours
+    if not (colours or kinds or sizes or positions):
+        raise ValueError(f"negative {negative!r} names no colour, kind, size or position the judge can read")
+
+    def match(shape: Any) -> bool:
+        return (
+            (not colours or shape.colour in colours)
+            and (not kinds or shape.kind in kinds)
+            and (not sizes or shape.size in sizes)
+            and (not positions or shape.position in positions[:1])
+        )
+
+    if any(match(s) for s in verdict.shapes):
+        return True
+    return bool(colours) and not (kinds or sizes or positions) and verdict.background in colours
+
+
+def score(images: Sequence[Image.Image], prompt: str, negative: str) -> dict[str, float]:
+    """Judge images generated for ``prompt`` with ``negative``.
+
+    Args:
+        images: Generated images.
+        prompt: The prompt (toy grammar).
+        negative: The negative prompt.
+
+    Returns:
+        ``{"n", "negative_rate", "fidelity", "off_palette", "confidence"}`` (rates and means in [0, 1]).
+    """
+    verdicts = [judge(im, kinds=TRAIN_KINDS) for im in images]
+    n = len(verdicts)
+    return {
+        "n": n,
+        "negative_rate": sum(negative_present(v, negative) for v in verdicts) / n,
+        "fidelity": sum(satisfies(v, prompt) for v in verdicts) / n,
+        "off_palette": float(np.mean([v.off_palette for v in verdicts])),
+        "confidence": float(np.mean([v.confidence for v in verdicts])),
+    }
+
+
+def image_grid(
+    cells: Sequence[Sequence[Sequence[Image.Image]]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    zoom: int = 3,
+    tiles: int = 2,
+) -> Image.Image:
+    """Compose a labelled grid: each cell shows ``tiles × tiles`` images (nearest-neighbour zoom).
+
+    Args:
+        cells: ``cells[row][col]`` = images of that cell (the first ``tiles²`` are shown).
+        row_labels: One label per row.
+        col_labels: One label per column.
+        zoom: Integer upscaling of each image.
+        tiles: Images per cell side.
+
+    Returns:
+        The grid image (RGB).
+    """
+    side = cells[0][0][0].size[0] * zoom
+    cell = tiles * side + (tiles - 1) * 2
+    pad, left, top = 8, 120, 24
+    width = left + len(col_labels) * (cell + pad)
+    height = top + len(row_labels) * (cell + pad)
+    grid = Image.new("RGB", (width, height), (245, 245, 245))
+    draw = ImageDraw.Draw(grid)
+    for c, label in enumerate(col_labels):
+        draw.text((left + c * (cell + pad) + 4, 6), label, fill=(0, 0, 0))
+    for r, label in enumerate(row_labels):
+        y0 = top + r * (cell + pad)
+        draw.text((6, y0 + cell // 2 - 6), label, fill=(0, 0, 0))
+        for c in range(len(col_labels)):
+            x0 = left + c * (cell + pad)
+            for k, im in enumerate(cells[r][c][: tiles * tiles]):
+                big = im.convert("RGB").resize((side, side), Image.NEAREST)
+                grid.paste(big, (x0 + (k % tiles) * (side + 2), y0 + (k // tiles) * (side + 2)))
+    return grid

@@ -1,0 +1,253 @@
+"""Train the embedded toy model (one command, seeded, resumable)::
+
+    python -m nagkit.toy.train --out runs/embedded            # ~40 min on 2 CPU cores
+    python -m nagkit.toy.train --out runs/embedded --install  # ... and copy the weights into the package
+
+Objective: rectified flow, the FLUX.1 objective. For a clean image ``x0`` (packed pixels, see
+:func:`nagkit.toy.model.pack_images`), noise ``ε`` and ``σ ~ U(0, 1)``: ``x_σ = (1 − σ)·x0 + σ·ε``; the transformer
+(called exactly as ``FluxPipeline`` calls it, timestep ``σ``) regresses the velocity ``ε − x0`` (MSE). The text
+encoders (CLIP pooled + T5 sequence, both padded to 24 tokens without masks, as the pipeline encodes) are trained
+jointly. 10 % of captions are empty, so the model also learns the unconditional distribution (CFG works). Weights are
+an exponential moving average (decay 0.999, warm-up ``(1 + n) / (10 + n)``).
+
+Data: :class:`nagkit.toy.data.ToyDataset` (kinds :data:`~nagkit.toy.model.TRAIN_KINDS`, 8 colours, 1–2 shapes,
+captions at every level of detail). Batch ``n`` is items ``[n·B, (n+1)·B)`` and its noise comes from a generator
+seeded with ``(seed, n)``, so a run resumed from a checkpoint (written every ``--checkpoint-every`` steps) continues
+exactly as an uninterrupted run would.
+
+Outputs in ``--out``: ``checkpoint.pt`` (resume state), ``log.csv`` (step, loss, lr, seconds), ``embedded.safetensors``
+(EMA weights of ``transformer``, ``text_encoder``, ``text_encoder_2``) and ``embedded.json`` (training record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+
+from nagkit.toy.data import ToyDataset
+from nagkit.toy.model import (
+    EMBEDDED_RECORD,
+    EMBEDDED_WEIGHTS,
+    TEXT_LENGTH,
+    TRAIN_KINDS,
+    build_toy_pipeline,
+    pack_images,
+)
+
+__all__ = ["main", "train"]
+
+_TRAINED = ("transformer", "text_encoder", "text_encoder_2")
+
+
+def _encode(pipe: FluxPipeline, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states exactly as ``FluxPipeline.encode_prompt`` computes them, but with gradients."""
+    options = {"padding": "max_length", "max_length": TEXT_LENGTH, "truncation": True, "return_tensors": "pt"}
+    pooled = pipe.text_encoder(pipe.tokenizer(captions, **options).input_ids, output_hidden_states=False).pooler_output
+    text = pipe.text_encoder_2(pipe.tokenizer_2(captions, **options).input_ids, output_hidden_states=False)[0]
+    return text, pooled
+
+
+def _lr(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of ``base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(
+    out: str | Path,
+    steps: int = 1800,
+    batch_size: int = 64,
+    lr: float = 8e-4,
+    warmup: int = 100,
+    seed: int = 0,
+    empty_prob: float = 0.1,
+    checkpoint_every: int = 100,
+    log_every: int = 25,
+    stop_at: int | None = None,
+) -> dict[str, object]:
+    """Train (or resume training) the embedded model.
+
+    Args:
+        out: Output folder (created; an existing ``checkpoint.pt`` there is resumed).
+        steps: Total optimiser steps.
+        batch_size: Images per step.
+        lr: Peak learning rate (AdamW, betas (0.9, 0.99), no weight decay, gradient clipping at 1).
+        warmup: Linear warm-up steps.
+        seed: Seed of the initialisation, the data and the noise.
+        empty_prob: Fraction of empty captions.
+        checkpoint_every: Steps between checkpoints.
+        log_every: Steps between log lines.
+        stop_at: Stop after this many steps (a planned interruption: the checkpoint is written, no weights);
+            calling again without it resumes.
+
+    Returns:
+        The training record (also written to ``embedded.json``).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    pipe = build_toy_pipeline(seed=seed)
+    modules = {name: getattr(pipe, name) for name in _TRAINED}
+    params = [p for m in modules.values() for p in m.parameters()]
+    for m in modules.values():
+        m.train().requires_grad_(True)
+    ema = {f"{name}.{k}": v.detach().clone() for name, m in modules.items() for k, v in m.state_dict().items()}
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    data = ToyDataset(length=10**9, seed=seed, kinds=TRAIN_KINDS, empty_prob=empty_prob)
+    img_ids = FluxPipeline._prepare_latent_image_ids(batch_size, 8, 8, torch.device("cpu"), torch.float32)
+    txt_ids = torch.zeros(TEXT_LENGTH, 3)
+
+    start, elapsed, log_rows = 0, 0.0, []
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        for name, m in modules.items():
+            m.load_state_dict(ckpt["modules"][name])
+        opt.load_state_dict(ckpt["opt"])
+        ema = ckpt["ema"]
+        start, elapsed, log_rows = ckpt["step"], ckpt["elapsed"], ckpt["log"]
+        print(f"resumed at step {start} ({elapsed / 60:.1f} min so far)")
+
+    t0 = time.perf_counter() - elapsed
+    running = []
+    end = steps if stop_at is None else min(stop_at, steps)
+    for step in range(start, end):
+        items = [data[i] for i in range(step * batch_size, (step + 1) * batch_size)]
+        x0 = pack_images(torch.stack([it[0] for it in items]))
+        captions = [it[1] for it in items]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        sigma = torch.rand(batch_size, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma[:, None, None]
+        xt = (1 - s) * x0 + s * noise
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, lr, warmup, steps)
+        text, pooled = _encode(pipe, captions)
+        pred = pipe.transformer(
+            hidden_states=xt,
+            timestep=sigma,
+            pooled_projections=pooled,
+            encoder_hidden_states=text,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, m in modules.items():
+                for k, v in m.state_dict().items():
+                    e = ema[f"{name}.{k}"]
+                    if e.is_floating_point():
+                        e.lerp_(v, 1 - decay)
+        running.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            row = {
+                "step": step + 1,
+                "loss": sum(running) / len(running),
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - t0,
+            }
+            running = []
+            log_rows.append(row)
+            minutes = row["seconds"] / 60
+            print(f"step {row['step']:5d}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  {minutes:6.1f} min", flush=True)
+        if (step + 1) % checkpoint_every == 0 or step + 1 in (steps, end):
+            state = {
+                "step": step + 1,
+                "elapsed": time.perf_counter() - t0,
+                "modules": {n: m.state_dict() for n, m in modules.items()},
+                "opt": opt.state_dict(),
+                "ema": ema,
+                "log": log_rows,
+            }
+            torch.save(state, out / "checkpoint.tmp")
+            (out / "checkpoint.tmp").replace(ckpt_path)
+
+    if end < steps:
+        return {"stopped_at": end, "steps": steps}
+    weights = {k: v.contiguous() for k, v in ema.items() if not k.endswith("position_ids")}
+    save_file(weights, str(out / EMBEDDED_WEIGHTS), metadata={"format": "pt", "steps": str(steps), "seed": str(seed)})
+    with open(out / "log.csv", "w") as f:
+        f.write("step,loss,lr,seconds\n")
+        for r in log_rows:
+            f.write(f"{r['step']},{r['loss']:.6f},{r['lr']:.6g},{r['seconds']:.1f}\n")
+    record = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup": warmup,
+        "seed": seed,
+        "empty_prob": empty_prob,
+        "kinds": list(TRAIN_KINDS),
+        "final_loss": log_rows[-1]["loss"] if log_rows else None,
+        "minutes": (log_rows[-1]["seconds"] / 60) if log_rows else None,
+        "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in modules.items()},
+        "weights_bytes": (out / EMBEDDED_WEIGHTS).stat().st_size,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "log": [{"step": r["step"], "loss": round(r["loss"], 5)} for r in log_rows],
+    }
+    (out / EMBEDDED_RECORD).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``python -m nagkit.toy.train``).
+
+    Args:
+        argv: Arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        Exit status.
+    """
+    p = argparse.ArgumentParser(prog="python -m nagkit.toy.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/embedded", help="output folder (resumed if it has a checkpoint)")
+    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--stop-at", type=int, default=None, help="stop after this step (resume later by rerunning)")
+    p.add_argument("--install", action="store_true", help="copy the weights and record into the nagkit package")
+    args = p.parse_args(argv)
+    record = train(
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        stop_at=args.stop_at,
+    )
+    if "stopped_at" in record:
+        print(f"stopped at step {record['stopped_at']} of {record['steps']}; rerun the same command to resume")
+        return 0
+    print(f"done: {record['steps']} steps, final loss {record['final_loss']:.4f}, {record['minutes']:.1f} min")
+    if args.install:
+        dest = Path(__file__).parent / "weights"
+        dest.mkdir(exist_ok=True)
+        for name in (EMBEDDED_WEIGHTS, EMBEDDED_RECORD):
+            shutil.copyfile(Path(args.out) / name, dest / name)
+        (dest / "log.csv").write_bytes((Path(args.out) / "log.csv").read_bytes())
+        print(f"installed into {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
