@@ -31,7 +31,7 @@ QUALITY_PAIRS: tuple[tuple[str, str], ...] = (
     ("a shape", "circle"),
     ("a red shape", "triangle"),
     ("a large shape", "a white background"),
-    ("two shapes", "green"),
+    ("a green shape", "large"),
 )
 QUALITY_STEPS: tuple[int, ...] = (1, 2, 4, 8, 25)
 #: Methods compared; NAG's ``tau``/``alpha`` come from the Flux preset (2.5, 0.25), its preset scale is 5.
@@ -219,6 +219,34 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _training_section() -> list[str]:
+    """The embedded model's training record (shipped next to its weights) as Markdown."""
+    from nagkit.toy.model import embedded_info
+
+    record = embedded_info()
+    if not record:
+        return []
+    params = record.get("parameters", {})
+    lines = [
+        "## The embedded model's training",
+        "",
+        f"`{record.get('command', 'python -m nagkit.toy.train')}`: {record['steps']} steps × batch "
+        f"{record['batch_size']}, AdamW lr {record['lr']:g} (warm-up {record['warmup']}, cosine to 10 %), seed "
+        f"{record['seed']}, {record['empty_prob']:.0%} empty captions, kinds {', '.join(record['kinds'])}; "
+        f"{record['minutes']:.1f} min wall time on {record['threads']} CPU threads (torch {record['torch']}); "
+        f"final loss {record['final_loss']:.4f}. Parameters: "
+        + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in params.items())
+        + f"; weights file {record['weights_bytes'] / 2**20:.1f} MiB.",
+        "",
+        "| step | loss |",
+        "|---:|---:|",
+    ]
+    log = record.get("log", [])
+    every = max(1, len(log) // 12)
+    lines += [f"| {r['step']} | {r['loss']:.4f} |" for i, r in enumerate(log) if i % every == 0 or i == len(log) - 1]
+    return [*lines, ""]
+
+
 def write_quality_markdown(report: dict[str, Any], path: str | Path) -> tuple[Path, Path | None]:
     """Write ``docs/quality.md`` (and the grid PNG next to it, ``<stem>_grid.png``).
 
@@ -288,5 +316,6 @@ def write_quality_markdown(report: dict[str, Any], path: str | Path) -> tuple[Pa
         lines.append("")
     if report.get("findings"):
         lines += ["## Findings", "", *report["findings"], ""]
+    lines += _training_section()
     path.write_text("\n".join(lines))
     return path, grid_path

@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "denoiser call on reduced configs with random weights (about 5 min on 2 CPU cores)")
     bench.add_argument("--family", action="append", default=None,
                        help="family to benchmark (repeatable; default: all): sd15, sdxl, wan21-t2v-14b, "
-                            "wan21-i2v-14b, pixart-sigma, sana-1.6b, sd35-large, flux1-dev")
+                            "wan21-i2v-14b, pixart-sigma, sana-1.6b, sd35-large, flux1-dev, chroma1-hd")
     bench.add_argument("--height", type=int, default=None,
                        help="image height (default: the family's; time mode: the reduced config's)")
     bench.add_argument("--width", type=int, default=None, help="image width (default as --height)")

@@ -41,7 +41,7 @@ from nagkit.toy.model import (
     pack_images,
 )
 
-__all__ = ["main", "train"]
+__all__ = ["main", "median_step_seconds", "train"]
 
 _TRAINED = ("transformer", "text_encoder", "text_encoder_2")
 
@@ -52,6 +52,23 @@ def _encode(pipe: FluxPipeline, captions: list[str]) -> tuple[torch.Tensor, torc
     pooled = pipe.text_encoder(pipe.tokenizer(captions, **options).input_ids, output_hidden_states=False).pooler_output
     text = pipe.text_encoder_2(pipe.tokenizer_2(captions, **options).input_ids, output_hidden_states=False)[0]
     return text, pooled
+
+
+def median_step_seconds(log_rows: list[dict[str, float]]) -> float | None:
+    """Median wall time of one step between consecutive log lines: the pace of the run without the stretches where
+    other jobs shared the CPU (the total ``minutes`` includes them).
+
+    Args:
+        log_rows: ``{"step", "seconds"}`` rows of the training log.
+
+    Returns:
+        Seconds per step, or ``None`` with fewer than two rows.
+    """
+    import statistics
+
+    pairs = zip(log_rows[:-1], log_rows[1:], strict=True)
+    paces = [(b["seconds"] - a["seconds"]) / (b["step"] - a["step"]) for a, b in pairs]
+    return statistics.median(paces) if paces else None
 
 
 def _lr(step: int, base: float, warmup: int, total: int) -> float:
@@ -73,6 +90,8 @@ def train(
     checkpoint_every: int = 100,
     log_every: int = 25,
     stop_at: int | None = None,
+    max_shapes: int = 2,
+    sigma_sampling: str = "uniform",
 ) -> dict[str, object]:
     """Train (or resume training) the embedded model.
 
@@ -86,6 +105,9 @@ def train(
         empty_prob: Fraction of empty captions.
         checkpoint_every: Steps between checkpoints.
         log_every: Steps between log lines.
+        max_shapes: Shapes per training scene (1 or 2).
+        sigma_sampling: ``"uniform"`` or ``"logit-normal"`` (σ = sigmoid(N(0, 1)) for 90 % of a batch, uniform for
+            the rest, so the pure-noise end that 1-step sampling starts from is still trained).
         stop_at: Stop after this many steps (a planned interruption: the checkpoint is written, no weights);
             calling again without it resumes.
 
@@ -94,6 +116,8 @@ def train(
     """
     from safetensors.torch import save_file
 
+    if sigma_sampling not in ("uniform", "logit-normal"):
+        raise ValueError(f"sigma_sampling must be 'uniform' or 'logit-normal', got {sigma_sampling!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -104,7 +128,8 @@ def train(
         m.train().requires_grad_(True)
     ema = {f"{name}.{k}": v.detach().clone() for name, m in modules.items() for k, v in m.state_dict().items()}
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    data = ToyDataset(length=10**9, seed=seed, kinds=TRAIN_KINDS, empty_prob=empty_prob)
+    data = ToyDataset(length=10**9, seed=seed, kinds=TRAIN_KINDS, empty_prob=empty_prob,
+                      max_shapes=max_shapes)
     img_ids = FluxPipeline._prepare_latent_image_ids(batch_size, 8, 8, torch.device("cpu"), torch.float32)
     txt_ids = torch.zeros(TEXT_LENGTH, 3)
 
@@ -128,6 +153,9 @@ def train(
         captions = [it[1] for it in items]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         sigma = torch.rand(batch_size, generator=gen)
+        if sigma_sampling == "logit-normal":
+            normal = torch.sigmoid(torch.randn(batch_size, generator=gen))
+            sigma = torch.where(torch.rand(batch_size, generator=gen) < 0.9, normal, sigma)
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma[:, None, None]
         xt = (1 - s) * x0 + s * noise
@@ -195,8 +223,11 @@ def train(
         "seed": seed,
         "empty_prob": empty_prob,
         "kinds": list(TRAIN_KINDS),
+        "max_shapes": max_shapes,
+        "sigma_sampling": sigma_sampling,
         "final_loss": log_rows[-1]["loss"] if log_rows else None,
         "minutes": (log_rows[-1]["seconds"] / 60) if log_rows else None,
+        "median_seconds_per_step": median_step_seconds(log_rows),
         "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in modules.items()},
         "weights_bytes": (out / EMBEDDED_WEIGHTS).stat().st_size,
         "torch": torch.__version__,
@@ -221,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--max-shapes", type=int, default=2, choices=(1, 2))
+    p.add_argument("--sigma-sampling", default="uniform", choices=("uniform", "logit-normal"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step (resume later by rerunning)")
@@ -234,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         stop_at=args.stop_at,
+        max_shapes=args.max_shapes,
+        sigma_sampling=args.sigma_sampling,
     )
     if "stopped_at" in record:
         print(f"stopped at step {record['stopped_at']} of {record['steps']}; rerun the same command to resume")

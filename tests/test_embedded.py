@@ -1,0 +1,195 @@
+"""The embedded toy model: shipped weights load offline, exact pixel-space VAE, NAG install/remove on it, resumable
+training, the negative-attribute scorer, and a statistical check that NAG removes the negative attribute."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+import nagkit
+from nagkit.toy.data import PALETTE, Scene, Shape, render
+from nagkit.toy.evaluate import Method, generate, negative_present, score
+from nagkit.toy.judge import DetectedShape, Verdict, judge
+from nagkit.toy.model import (
+    EMBEDDED_CALL_KWARGS,
+    EMBEDDED_WEIGHTS,
+    PixelShuffleVAE,
+    build_toy_pipeline,
+    embedded_info,
+    load_embedded_pipeline,
+    pack_images,
+)
+
+WEIGHTS = Path(nagkit.__file__).parent / "toy" / "weights" / EMBEDDED_WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def pipe() -> FluxPipeline:
+    return load_embedded_pipeline()
+
+
+def test_weights_are_shipped_small_and_load_offline(pipe):
+    assert WEIGHTS.is_file(), "the embedded weights must ship inside the package"
+    assert WEIGHTS.stat().st_size <= 20 * 2**20
+    assert isinstance(pipe, FluxPipeline)
+    assert type(pipe.transformer).__name__ == "FluxTransformer2DModel"
+    record = embedded_info()
+    assert record["steps"] > 0 and record["final_loss"] < 0.5
+    # the trained weights differ from the seeded random initialisation
+    random = build_toy_pipeline(seed=0)
+    w = dict(pipe.transformer.named_parameters())
+    r = dict(random.transformer.named_parameters())
+    assert not torch.equal(w["proj_out.weight"], r["proj_out.weight"])
+
+
+def test_generates_an_image_of_the_right_size(pipe):
+    out = pipe("a red circle", generator=torch.Generator().manual_seed(0), **{**EMBEDDED_CALL_KWARGS,
+                                                                            "num_inference_steps": 2})
+    image = out.images[0]
+    assert image.size == (32, 32)
+    assert np.isfinite(np.asarray(image, np.float32)).all()
+
+
+def test_pixel_space_vae_is_exact_and_matches_the_pipeline_packing():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    vae = PixelShuffleVAE()
+    z = vae.encode(x).latents
+    assert z.shape == (2, 12, 16, 16)
+    assert torch.equal(vae.decode(z).sample, x)
+    packed = pack_images(x)
+    assert packed.shape == (2, 64, 48)
+    unpacked = FluxPipeline._unpack_latents(packed, 32, 32, 2)  # the pipeline's vae_scale_factor: 2
+    assert torch.equal(vae.decode(unpacked).sample, x)
+    with pytest.raises(ValueError, match="latent_channels"):
+        PixelShuffleVAE(latent_channels=4)
+
+
+def test_well_trained_enough_to_follow_a_full_prompt(pipe):
+    """Fully specified prompt at 8 steps: the judge reads back what was asked most of the time."""
+    prompt = "a large blue square on a white background"
+    images = generate(pipe, prompt, "red", Method("none"), 8, list(range(8)))
+    assert score(images, prompt, "red")["fidelity"] >= 0.5
+
+
+def test_nag_installs_and_removes_exactly(pipe):
+    kwargs = {**EMBEDDED_CALL_KWARGS, "num_inference_steps": 2}
+    base = pipe("a circle", generator=torch.Generator().manual_seed(1), output_type="pt", **kwargs).images
+    with nagkit.apply(pipe, negative_prompt="a circle"):  # negative == prompt: identity
+        same = pipe("a circle", generator=torch.Generator().manual_seed(1), output_type="pt", **kwargs).images
+    with nagkit.apply(pipe, negative_prompt="red", scale=5.0):
+        guided = pipe("a circle", generator=torch.Generator().manual_seed(1), output_type="pt", **kwargs).images
+    after = pipe("a circle", generator=torch.Generator().manual_seed(1), output_type="pt", **kwargs).images
+    assert torch.allclose(same, base, atol=1e-5)
+    assert (guided - base).abs().max() > 1e-2
+    assert torch.equal(after, base)
+
+
+def test_nag_lowers_the_red_rate_of_a_circle(pipe):
+    """Statistical: 'a circle' with NAG negative 'red' at 2 steps shows red far less often than without guidance.
+
+    The margin is set from `nagkit bench --quality` (docs/quality.md): there, over 32 seeds, the red rate drops from
+    NONE_RATE to NAG_RATE at 2 steps; here 48 seeds must show a drop of at least 0.1 and NAG at most half the baseline.
+    """
+    seeds = list(range(100, 148))
+    none = score(generate(pipe, "a circle", "red", Method("none"), 2, seeds), "a circle", "red")
+    nag = score(generate(pipe, "a circle", "red", Method("nag", 5.0), 2, seeds), "a circle", "red")
+    assert none["negative_rate"] >= 0.15, none
+    assert nag["negative_rate"] <= none["negative_rate"] - 0.1, (none, nag)
+    assert nag["negative_rate"] <= 0.5 * none["negative_rate"], (none, nag)
+
+
+def _shape(colour: str, kind: str = "circle", size: str = "small", position: str = "center") -> DetectedShape:
+    return DetectedShape(kind, colour, size, position, (0, 0, 1, 1), 0.1, {}, 1.0, 1.0)
+
+
+def test_negative_present_reads_colours_kinds_backgrounds():
+    v = Verdict(background="white", shapes=(_shape("red", "circle"), _shape("blue", "square", "large", "left")))
+    assert negative_present(v, "red")
+    assert negative_present(v, "white")  # background colour counts for a bare colour
+    assert not negative_present(v, "green")
+    assert negative_present(v, "square") and not negative_present(v, "triangle")
+    assert negative_present(v, "large blue square") and not negative_present(v, "large red square")
+    assert negative_present(v, "a white background") and not negative_present(v, "red background")
+    assert negative_present(v, "blue shape at the left") and not negative_present(v, "blue shape at the right")
+    with pytest.raises(ValueError, match="names no colour"):
+        negative_present(v, "blurry")
+    with pytest.raises(ValueError, match="needs a colour"):
+        negative_present(v, "background")
+
+
+def test_score_of_clean_renders():
+    scene = Scene("white", (Shape("circle", "red", "large", "center", 0.5, 0.5, 0.38),))
+    images = [render(scene, 32)] * 4
+    s = score(images, "a red circle", "red")
+    assert s["negative_rate"] == 1.0 and s["fidelity"] == 1.0 and s["off_palette"] == 0.0
+    assert judge(images[0]).shapes[0].colour == "red"
+    assert PALETTE["red"] == tuple(images[0][16, 16])
+
+
+def test_training_resumes_exactly(tmp_path):
+    from nagkit.toy.train import train
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    record = train(a, steps=3, batch_size=2, warmup=1, checkpoint_every=10, log_every=1)
+    stopped = train(b, steps=3, batch_size=2, warmup=1, checkpoint_every=10, log_every=1, stop_at=2)
+    assert stopped == {"stopped_at": 2, "steps": 3} and not (b / EMBEDDED_WEIGHTS).exists()
+    assert torch.load(b / "checkpoint.pt", weights_only=False)["step"] == 2
+    resumed = train(b, steps=3, batch_size=2, warmup=1, checkpoint_every=10, log_every=1)
+    assert resumed["final_loss"] == record["final_loss"]
+    ea = torch.load(a / "checkpoint.pt", weights_only=False)["ema"]
+    eb = torch.load(b / "checkpoint.pt", weights_only=False)["ema"]
+    for k, v in ea.items():
+        assert torch.equal(v, eb[k]), k
+    assert json.loads((a / "embedded.json").read_text())["steps"] == 3
+    reloaded = build_toy_pipeline(b / EMBEDDED_WEIGHTS)
+    assert torch.equal(reloaded.transformer.proj_out.weight, eb["transformer.proj_out.weight"])
+
+
+def test_quality_benchmark_structure_and_findings(pipe, tmp_path):
+    from nagkit.bench.quality import render_quality, run_quality, write_json, write_quality_markdown
+
+    methods = [Method("none"), Method("cfg", 4.0), Method("nag", 5.0), Method("nag", 5.0, mode="official")]
+    report = run_quality(pairs=[("a circle", "red")], methods=methods, steps=(1, 2), seeds=2, pipe=pipe)
+    assert report["methods"] == ["none", "CFG 4", "NAG 5 (fast)", "NAG 5 (official)"]
+    cell = report["pairs"][0]["methods"]["NAG 5 (fast)"][2]
+    assert set(cell) == {"n", "negative_rate", "fidelity", "off_palette", "confidence"} and cell["n"] == 2
+    gap = report["pairs"][0]["fast_vs_official"]["5"]
+    assert set(gap) == {1, 2} and all(v >= 0 for v in gap.values())
+    assert any("negative rate" in line for line in report["findings"])
+    assert "NAG 5 (fast)" in render_quality(report)
+    data = json.loads(write_json(report, tmp_path / "q.json").read_text())
+    assert "_grid" not in data and data["seeds"] == 2
+    page, grid = write_quality_markdown(report, tmp_path / "quality.md")
+    text = page.read_text()
+    assert '### "a circle", negative "red"' in text and "## The embedded model's training" in text
+    assert grid is None  # the grid needs 1, 2, 4, 8 steps
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        run_quality(seeds=0, pipe=pipe)
+
+
+def test_cli_demo_and_generate_without_model(tmp_path, capsys):
+    from PIL import Image
+
+    from nagkit.cli.main import main
+
+    rc = main(["demo", "--seeds", "2", "--out", str(tmp_path / "demo.png"), "--json", str(tmp_path / "demo.json")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "NAG 5 (fast)" in out and "CFG 4" in out
+    grid = Image.open(tmp_path / "demo.png")
+    assert grid.size[0] > 4 * 32 and grid.size[1] > 3 * 32
+    numbers = json.loads((tmp_path / "demo.json").read_text())
+    assert [r["method"] for r in numbers["rows"]] == ["none", "CFG 4", "NAG 5 (fast)"]
+    assert set(numbers["rows"][2]["steps"]) == {"1", "2", "4", "8"}
+    rc = main(["generate", "a circle", "--negative", "red", "--steps", "2", "--out", str(tmp_path / "c.png")])
+    assert rc == 0
+    assert Image.open(tmp_path / "c.png").size == (32, 32)
+    sidecar = json.loads((tmp_path / "c.json").read_text())
+    assert sidecar["model"] == "embedded" and sidecar["pipeline"] == "FluxPipeline" and sidecar["negative"] == "red"
+    assert main(["demo", "--negative", "blurry"]) == 2
+    assert "names no colour" in capsys.readouterr().err
+    assert main(["demo", "--seeds", "0"]) == 2
