@@ -233,7 +233,11 @@ def _training_section() -> list[str]:
         f"`{record.get('command', 'python -m nagkit.toy.train')}`: {record['steps']} steps × batch "
         f"{record['batch_size']}, AdamW lr {record['lr']:g} (warm-up {record['warmup']}, cosine to 10 %), seed "
         f"{record['seed']}, {record['empty_prob']:.0%} empty captions, kinds {', '.join(record['kinds'])}; "
-        f"{record['minutes']:.1f} min wall time on {record['threads']} CPU threads (torch {record['torch']}); "
+        f"{record['minutes']:.1f} min wall time on {record['threads']} CPU threads (torch {record['torch']})"
+        + (f", median {record['median_seconds_per_step']:.2f} s per step = "
+           f"{record['median_seconds_per_step'] * record['steps'] / 60:.0f} min without the stretches where other "
+           "jobs shared the CPU" if record.get("median_seconds_per_step") else "")
+        + "; "
         f"final loss {record['final_loss']:.4f}. Parameters: "
         + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in params.items())
         + f"; weights file {record['weights_bytes'] / 2**20:.1f} MiB.",

@@ -518,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt = DEMO_PROMPT if args.prompt is None else args.prompt
         args.negative = DEMO_NEGATIVE if args.negative is None else args.negative
         args.cfg_scale = DEMO_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
-    if (getattr(args, "steps", 1) or 1) < 1 or getattr(args, "batch", 1) < 1:
+    steps = getattr(args, "steps", None)
+    if (steps is not None and steps < 1) or getattr(args, "batch", 1) < 1:
         print("nagkit: error: --steps and --batch must be >= 1", file=sys.stderr)
         return 2
     try:
