@@ -295,13 +295,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import json as json_
 
     from ..toy.demo import format_demo, run_demo
-    from ..toy.evaluate import negative_present
-    from ..toy.judge import Verdict
+    from ..toy.evaluate import parse_negative
 
     if args.seeds < 1:
         raise CLIError("--seeds must be >= 1")
     try:
-        negative_present(Verdict(background="white"), args.negative)
+        parse_negative(args.negative)
         from ..toy.data import parse_caption
 
         parse_caption(args.prompt)

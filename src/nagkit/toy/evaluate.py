@@ -25,7 +25,7 @@ from nagkit.toy.data import ALL_KINDS, COLOURS, POSITIONS, SIZES
 from nagkit.toy.judge import Verdict, judge, satisfies
 from nagkit.toy.model import EMBEDDED_CALL_KWARGS, TRAIN_KINDS
 
-__all__ = ["Method", "generate", "image_grid", "negative_present", "score"]
+__all__ = ["Method", "NegativeSpec", "generate", "image_grid", "negative_present", "parse_negative", "score"]
 
 
 @dataclass(frozen=True)
@@ -91,17 +91,62 @@ def generate(
         return pipe(prompt, **kwargs).images
 
 
-def negative_present(verdict: Verdict, negative: str) -> bool:
-    """Whether an image shows what a negative prompt names.
+@dataclass(frozen=True)
+class NegativeSpec:
+    """What a negative prompt names, as the judge can check it (see :func:`parse_negative`).
 
-    The negative is read as one noun phrase of the toy grammar without article: colour / size / kind / position
-    words (e.g. ``"red"``, ``"circle"``, ``"large red square"``) name a shape that has *all* of them; with the word
-    ``background`` the colour names the background (``"red background"``); a negative of colour words only is
-    present when a shape *or* the background has that colour.
+    Attributes:
+        colours, kinds, sizes: Words of each attribute in the negative.
+        position: The grid cell named (the longest match, e.g. ``"top left"`` over ``"left"``), or ``None``.
+        background: Whether the colours name the background (the word ``background`` is present).
+    """
+
+    colours: tuple[str, ...]
+    kinds: tuple[str, ...]
+    sizes: tuple[str, ...]
+    position: str | None
+    background: bool
+
+
+def parse_negative(negative: str) -> NegativeSpec:
+    """Read a negative prompt as one noun phrase of the toy grammar without article.
+
+    Colour / size / kind / position words (e.g. ``"red"``, ``"circle"``, ``"large red square"``) name a shape that has
+    *all* of them; with the word ``background`` the colours name the background (``"red background"``).
+
+    Args:
+        negative: The negative prompt.
+
+    Returns:
+        The parsed negative.
+
+    Raises:
+        ValueError: If the negative names no attribute the judge can read, or a background without a colour.
+    """
+    words = negative.lower().replace(",", " ").split()
+    text = f" {' '.join(words)} "
+    spec = NegativeSpec(
+        colours=tuple(w for w in words if w in COLOURS),
+        kinds=tuple(w for w in words if w in ALL_KINDS),
+        sizes=tuple(w for w in words if w in SIZES),
+        position=next((p for p in sorted(POSITIONS, key=len, reverse=True) if f" {p} " in text), None),
+        background="background" in words,
+    )
+    if spec.background and not spec.colours:
+        raise ValueError(f"negative {negative!r}: a background negative needs a colour")
+    if not (spec.colours or spec.kinds or spec.sizes or spec.position):
+        raise ValueError(f"negative {negative!r} names no colour, kind, size or position the judge can read")
+    return spec
+
+
+def negative_present(verdict: Verdict, negative: str | NegativeSpec) -> bool:
+    """Whether an image shows what a negative prompt names (:func:`parse_negative`): a shape with all the named
+    attributes, or the named background colour; a negative of colour words only is also present when the background
+    has that colour.
 
     Args:
         verdict: Judge output.
-        negative: The negative prompt.
+        negative: The negative prompt, or its parsed form.
 
     Returns:
         ``True`` when the named attribute(s) appear.
@@ -109,30 +154,22 @@ def negative_present(verdict: Verdict, negative: str) -> bool:
     Raises:
         ValueError: If the negative names no attribute the judge can read.
     """
-    words = negative.lower().replace(",", " ").split()
-    text = " ".join(words)
-    colours = [w for w in words if w in COLOURS]
-    kinds = [w for w in words if w in ALL_KINDS]
-    sizes = [w for w in words if w in SIZES]
-    positions = [p for p in sorted(POSITIONS, key=len, reverse=True) if f" {p} " in f" {text} "]
-    if "background" in words:
-        if not colours:
-            raise ValueError(f"negative {negative!r}: a background negative needs a colour")
-        return verdict.background in colours
-    if not (colours or kinds or sizes or positions):
-        raise ValueError(f"negative {negative!r} names no colour, kind, size or position the judge can read")
+    spec = parse_negative(negative) if isinstance(negative, str) else negative
+    if spec.background:
+        return verdict.background in spec.colours
 
     def match(shape: Any) -> bool:
         return (
-            (not colours or shape.colour in colours)
-            and (not kinds or shape.kind in kinds)
-            and (not sizes or shape.size in sizes)
-            and (not positions or shape.position in positions[:1])
+            (not spec.colours or shape.colour in spec.colours)
+            and (not spec.kinds or shape.kind in spec.kinds)
+            and (not spec.sizes or shape.size in spec.sizes)
+            and (spec.position is None or shape.position == spec.position)
         )
 
-    if any(match(s) for s in verdict.shapes):
+    if any(match(shape) for shape in verdict.shapes):
         return True
-    return bool(colours) and not (kinds or sizes or positions) and verdict.background in colours
+    only_colours = not (spec.kinds or spec.sizes or spec.position)
+    return bool(spec.colours) and only_colours and verdict.background in spec.colours
 
 
 def score(images: Sequence[Image.Image], prompt: str, negative: str) -> dict[str, float]:
@@ -146,11 +183,12 @@ def score(images: Sequence[Image.Image], prompt: str, negative: str) -> dict[str
     Returns:
         ``{"n", "negative_rate", "fidelity", "off_palette", "confidence"}`` (rates and means in [0, 1]).
     """
+    spec = parse_negative(negative)
     verdicts = [judge(im, kinds=TRAIN_KINDS) for im in images]
     n = len(verdicts)
     return {
         "n": n,
-        "negative_rate": sum(negative_present(v, negative) for v in verdicts) / n,
+        "negative_rate": sum(negative_present(v, spec) for v in verdicts) / n,
         "fidelity": sum(satisfies(v, prompt) for v in verdicts) / n,
         "off_palette": float(np.mean([v.off_palette for v in verdicts])),
         "confidence": float(np.mean([v.confidence for v in verdicts])),

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
@@ -72,11 +73,6 @@ class _Latents:
 
     def __init__(self, latents: torch.Tensor) -> None:
         self.latents = latents
-
-
-class _Decoded:
-    def __init__(self, sample: torch.Tensor) -> None:
-        self.sample = sample
 
 
 class PixelShuffleVAE(ModelMixin, ConfigMixin):
@@ -135,7 +131,7 @@ class PixelShuffleVAE(ModelMixin, ConfigMixin):
             The images.
         """
         x = F.pixel_shuffle(z, self.config.factor)
-        return _Decoded(x) if return_dict else (x,)
+        return DecoderOutput(sample=x) if return_dict else (x,)
 
 
 def toy_tokenizers() -> tuple[CLIPTokenizer, T5Tokenizer]:
