@@ -70,7 +70,7 @@ def test_pixel_space_vae_is_exact_and_matches_the_pipeline_packing():
 
 
 def test_trained_model_follows_the_background_colour(pipe):
-    """What the model learned best: the prompted background colour (chance: 1 in 8). Measured: 64 of 64 at 8 steps.
+    """What the model learned best: the prompted background colour (chance: 1 in 8). Measured: 31 of 32 at 8 steps.
     Shape kinds it barely learned (docs/quality.md), so fidelity to full prompts is not asserted."""
     from nagkit.toy.data import COLOURS
     from nagkit.toy.model import TRAIN_KINDS
@@ -97,19 +97,20 @@ def test_nag_installs_and_removes_exactly(pipe):
 
 
 def test_nag_lowers_the_red_rate_of_a_circle(pipe):
-    """Statistical: "a circle" with NAG negative "red" shows red far less often than without guidance.
+    """Statistical, at 2 steps: "a circle" with NAG negative "red" (the preset scale, 5) shows red far less often than
+    without guidance.
 
-    `nagkit bench --quality` (docs/quality.md, seeds 0-31) measures the red rate of "a circle" at 8 steps: 31 % with no
-    guidance, 19 % / 6 % / 3 % with NAG 5 / 8 / 12. Here 96 other seeds (100-195), NAG 8, 8 steps (at 2 steps the
-    model's images are blurry means in which the judge reads red rarely, 9 %, so there is little to remove): measured
-    26 % -> 10 %; the test asks for a drop of at least 10 points and at most 60 % of the baseline left.
+    `nagkit bench --quality` (docs/quality.md, seeds 0-31) measures the red rate of "a circle" at 2 steps: 12 % with no
+    guidance, 0 % with NAG 5 (and 0 % with CFG 4).
+    Here 96 other seeds (100-195): measured 24 % -> 7 %. The test asks for a drop of at least 10 points and at most
+    half of the baseline left.
     """
     seeds = list(range(100, 196))
-    none = score(generate(pipe, "a circle", "red", Method("none"), 8, seeds), "a circle", "red")
-    nag = score(generate(pipe, "a circle", "red", Method("nag", 8.0), 8, seeds), "a circle", "red")
+    none = score(generate(pipe, "a circle", "red", Method("none"), 2, seeds), "a circle", "red")
+    nag = score(generate(pipe, "a circle", "red", Method("nag", 5.0), 2, seeds), "a circle", "red")
     assert none["negative_rate"] >= 0.15, none
     assert nag["negative_rate"] <= none["negative_rate"] - 0.1, (none, nag)
-    assert nag["negative_rate"] <= 0.6 * none["negative_rate"], (none, nag)
+    assert nag["negative_rate"] <= 0.5 * none["negative_rate"], (none, nag)
 
 
 def _shape(colour: str, kind: str = "circle", size: str = "small", position: str = "center") -> DetectedShape:

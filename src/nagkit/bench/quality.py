@@ -234,9 +234,7 @@ def _training_section() -> list[str]:
         f"{record['batch_size']}, AdamW lr {record['lr']:g} (warm-up {record['warmup']}, cosine to 10 %), seed "
         f"{record['seed']}, {record['empty_prob']:.0%} empty captions, kinds {', '.join(record['kinds'])}; "
         f"{record['minutes']:.1f} min wall time on {record['threads']} CPU threads (torch {record['torch']})"
-        + (f", median {record['median_seconds_per_step']:.2f} s per step = "
-           f"{record['median_seconds_per_step'] * record['steps'] / 60:.0f} min without the stretches where other "
-           "jobs shared the CPU" if record.get("median_seconds_per_step") else "")
+        + _pace_note(record)
         + "; "
         f"final loss {record['final_loss']:.4f}. Parameters: "
         + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in params.items())
@@ -249,6 +247,17 @@ def _training_section() -> list[str]:
     every = max(1, len(log) // 12)
     lines += [f"| {r['step']} | {r['loss']:.4f} |" for i, r in enumerate(log) if i % every == 0 or i == len(log) - 1]
     return [*lines, ""]
+
+
+def _pace_note(record: dict[str, Any]) -> str:
+    """The training record's median pace, and whether the wall time shows contention (other jobs on the CPU)."""
+    pace = record.get("median_seconds_per_step")
+    if not pace:
+        return ""
+    paced = pace * record["steps"] / 60
+    if record["minutes"] <= 1.05 * paced:
+        return f", median {pace:.2f} s per step (the machine was not shared: wall time ≈ pace × steps)"
+    return f", median {pace:.2f} s per step = {paced:.0f} min without the stretches where other jobs shared the CPU"
 
 
 def write_quality_markdown(report: dict[str, Any], path: str | Path) -> tuple[Path, Path | None]:

@@ -81,9 +81,9 @@ def _lr(step: int, base: float, warmup: int, total: int) -> float:
 
 def train(
     out: str | Path,
-    steps: int = 1800,
-    batch_size: int = 64,
-    lr: float = 8e-4,
+    steps: int = 3200,
+    batch_size: int = 32,
+    lr: float = 1.6e-3,
     warmup: int = 100,
     seed: int = 0,
     empty_prob: float = 0.1,
@@ -249,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     p = argparse.ArgumentParser(prog="python -m nagkit.toy.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/embedded", help="output folder (resumed if it has a checkpoint)")
-    p.add_argument("--steps", type=int, default=1800)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--steps", type=int, default=3200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1.6e-3)
     p.add_argument("--max-shapes", type=int, default=2, choices=(1, 2))
     p.add_argument("--sigma-sampling", default="uniform", choices=("uniform", "logit-normal"))
     p.add_argument("--seed", type=int, default=0)
