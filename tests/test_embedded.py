@@ -160,6 +160,19 @@ def test_training_resumes_exactly(tmp_path):
     assert torch.equal(reloaded.transformer.proj_out.weight, eb["transformer.proj_out.weight"])
 
 
+def test_held_out_loss_ranks_trained_above_random_weights(pipe):
+    from nagkit.toy.model import build_toy_pipeline
+    from nagkit.toy.train import held_out_loss
+
+    trained, bands = held_out_loss(pipe, n=32, bands=4)
+    random_init, _ = held_out_loss(build_toy_pipeline(), n=32, bands=4)
+    assert len(bands) == 4 and trained == pytest.approx(sum(bands) / 4, rel=1e-5)
+    assert trained < 0.5 * random_init, (trained, random_init)
+    assert held_out_loss(pipe, n=32, bands=4) == (trained, bands)  # fixed data and noise: deterministic
+    with pytest.raises(ValueError, match="multiple of bands"):
+        held_out_loss(pipe, n=30, bands=4)
+
+
 def test_quality_benchmark_structure_and_findings(pipe, tmp_path):
     from nagkit.bench.quality import render_quality, run_quality, write_json, write_quality_markdown
 

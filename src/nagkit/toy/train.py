@@ -41,7 +41,7 @@ from nagkit.toy.model import (
     pack_images,
 )
 
-__all__ = ["main", "median_step_seconds", "train"]
+__all__ = ["held_out_loss", "main", "median_step_seconds", "train"]
 
 _TRAINED = ("transformer", "text_encoder", "text_encoder_2")
 
@@ -238,6 +238,48 @@ def train(
     return record
 
 
+@torch.no_grad()
+def held_out_loss(pipe: FluxPipeline, n: int = 512, seed: int = 999, bands: int = 8,
+                  batch_size: int = 128) -> tuple[float, list[float]]:
+    """The training objective on fixed held-out data: ``n`` scenes of another seed, fixed noise, and σ spread evenly
+    over ``bands`` equal bands of (0, 1) (the centre of each), so two weight files are compared on exactly the same
+    noisy inputs. Used to pick the training recipe (the README quotes its numbers).
+
+    Args:
+        pipe: The embedded pipeline (e.g. :func:`nagkit.toy.model.build_toy_pipeline` with a weights file).
+        n: Held-out images (a multiple of ``bands``).
+        seed: Data and noise seed (training uses seed 0 and never reaches these items' seed).
+        bands: σ bands.
+        batch_size: Images per transformer call.
+
+    Returns:
+        ``(mean loss, [loss of each σ band, low σ first])``.
+
+    Raises:
+        ValueError: If ``n`` is not a positive multiple of ``bands``.
+    """
+    if n <= 0 or bands <= 0 or n % bands:
+        raise ValueError(f"n must be a positive multiple of bands ({bands}), got {n}")
+    data = ToyDataset(length=n, seed=seed, kinds=TRAIN_KINDS, empty_prob=0.0)
+    items = [data[i] for i in range(n)]
+    x0 = pack_images(torch.stack([it[0] for it in items]))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    band = torch.arange(n) % bands
+    sigma = (band + 0.5) / bands
+    xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+    errors = []
+    for i in range(0, n, batch_size):
+        sl = slice(i, i + batch_size)
+        text, pooled = _encode(pipe, [it[1] for it in items[sl]])
+        pred = pipe.transformer(hidden_states=xt[sl], timestep=sigma[sl], pooled_projections=pooled,
+                                encoder_hidden_states=text, txt_ids=torch.zeros(TEXT_LENGTH, 3),
+                                img_ids=FluxPipeline._prepare_latent_image_ids(1, 8, 8, x0.device, x0.dtype),
+                                return_dict=False)[0]
+        errors.append(((pred - (noise[sl] - x0[sl])) ** 2).mean(dim=(1, 2)))
+    err = torch.cat(errors)
+    return err.mean().item(), [err[band == b].mean().item() for b in range(bands)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``python -m nagkit.toy.train``).
 
@@ -258,7 +300,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step (resume later by rerunning)")
     p.add_argument("--install", action="store_true", help="copy the weights and record into the nagkit package")
+    p.add_argument("--held-out", nargs="+", metavar="WEIGHTS", default=None,
+                   help="train nothing; print the held-out loss (512 fixed noisy images, 8 σ bands) of these "
+                        "weight files ('embedded': the shipped weights)")
     args = p.parse_args(argv)
+    if args.held_out:
+        from nagkit.toy.model import _resource
+
+        for path in args.held_out:
+            weights = _resource(EMBEDDED_WEIGHTS) if path == "embedded" else path
+            mean, per_band = held_out_loss(build_toy_pipeline(weights))
+            print(f"{path}: held-out loss {mean:.4f}; by σ band (low first): "
+                  + " ".join(f"{v:.3f}" for v in per_band), flush=True)
+        return 0
     record = train(
         args.out,
         steps=args.steps,
