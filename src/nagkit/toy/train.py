@@ -248,7 +248,7 @@ def held_out_loss(pipe: FluxPipeline, n: int = 512, seed: int = 999, bands: int 
     Args:
         pipe: The embedded pipeline (e.g. :func:`nagkit.toy.model.build_toy_pipeline` with a weights file).
         n: Held-out images (a multiple of ``bands``).
-        seed: Data and noise seed (training uses seed 0 and never reaches these items' seed).
+        seed: Data and noise seed; any seed other than the training run's (0) gives scenes it did not train on.
         bands: σ bands.
         batch_size: Images per transformer call.
 
