@@ -54,6 +54,21 @@ def _encode(pipe: FluxPipeline, captions: list[str]) -> tuple[torch.Tensor, torc
     return text, pooled
 
 
+def _velocity(pipe: FluxPipeline, xt: torch.Tensor, sigma: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """The transformer's velocity for packed noisy latents ``xt`` at noise levels ``sigma``, called exactly as
+    ``FluxPipeline`` calls it (zero text ids, the 8×8 image-id grid, timestep ``σ``)."""
+    text, pooled = _encode(pipe, captions)
+    return pipe.transformer(
+        hidden_states=xt,
+        timestep=sigma,
+        pooled_projections=pooled,
+        encoder_hidden_states=text,
+        txt_ids=torch.zeros(TEXT_LENGTH, 3),
+        img_ids=FluxPipeline._prepare_latent_image_ids(1, 8, 8, xt.device, xt.dtype),
+        return_dict=False,
+    )[0]
+
+
 def median_step_seconds(log_rows: list[dict[str, float]]) -> float | None:
     """Median wall time of one step between consecutive log lines: the pace of the run without the stretches where
     other jobs shared the CPU (the total ``minutes`` includes them).
@@ -130,8 +145,6 @@ def train(
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     data = ToyDataset(length=10**9, seed=seed, kinds=TRAIN_KINDS, empty_prob=empty_prob,
                       max_shapes=max_shapes)
-    img_ids = FluxPipeline._prepare_latent_image_ids(batch_size, 8, 8, torch.device("cpu"), torch.float32)
-    txt_ids = torch.zeros(TEXT_LENGTH, 3)
 
     start, elapsed, log_rows = 0, 0.0, []
     ckpt_path = out / "checkpoint.pt"
@@ -161,16 +174,7 @@ def train(
         xt = (1 - s) * x0 + s * noise
         for group in opt.param_groups:
             group["lr"] = _lr(step, lr, warmup, steps)
-        text, pooled = _encode(pipe, captions)
-        pred = pipe.transformer(
-            hidden_states=xt,
-            timestep=sigma,
-            pooled_projections=pooled,
-            encoder_hidden_states=text,
-            txt_ids=txt_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
+        pred = _velocity(pipe, xt, sigma, captions)
         loss = torch.nn.functional.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -270,11 +274,7 @@ def held_out_loss(pipe: FluxPipeline, n: int = 512, seed: int = 999, bands: int 
     errors = []
     for i in range(0, n, batch_size):
         sl = slice(i, i + batch_size)
-        text, pooled = _encode(pipe, [it[1] for it in items[sl]])
-        pred = pipe.transformer(hidden_states=xt[sl], timestep=sigma[sl], pooled_projections=pooled,
-                                encoder_hidden_states=text, txt_ids=torch.zeros(TEXT_LENGTH, 3),
-                                img_ids=FluxPipeline._prepare_latent_image_ids(1, 8, 8, x0.device, x0.dtype),
-                                return_dict=False)[0]
+        pred = _velocity(pipe, xt[sl], sigma[sl], [it[1] for it in items[sl]])
         errors.append(((pred - (noise[sl] - x0[sl])) ** 2).mean(dim=(1, 2)))
     err = torch.cat(errors)
     return err.mean().item(), [err[band == b].mean().item() for b in range(bands)]
@@ -305,11 +305,10 @@ def main(argv: list[str] | None = None) -> int:
                         "weight files ('embedded': the shipped weights)")
     args = p.parse_args(argv)
     if args.held_out:
-        from nagkit.toy.model import _resource
+        from nagkit.toy.model import load_embedded_pipeline
 
         for path in args.held_out:
-            weights = _resource(EMBEDDED_WEIGHTS) if path == "embedded" else path
-            mean, per_band = held_out_loss(build_toy_pipeline(weights))
+            mean, per_band = held_out_loss(load_embedded_pipeline() if path == "embedded" else build_toy_pipeline(path))
             print(f"{path}: held-out loss {mean:.4f}; by σ band (low first): "
                   + " ".join(f"{v:.3f}" for v in per_band), flush=True)
         return 0
