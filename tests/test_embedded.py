@@ -1,5 +1,6 @@
-"""The embedded toy model: shipped weights load offline, exact pixel-space VAE, NAG install/remove on it, resumable
-training, the negative-attribute scorer, and a statistical check that NAG removes the negative attribute."""
+"""The embedded toy model: shipped weights load offline, its autoencoder reconstructs the toy scenes, NAG
+install/remove on it, resumable two-stage training, the negative-attribute scorer, and a statistical check that NAG
+removes the negative attribute."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from nagkit.toy.judge import DetectedShape, Verdict, judge
 from nagkit.toy.model import (
     EMBEDDED_CALL_KWARGS,
     EMBEDDED_WEIGHTS,
-    PixelShuffleVAE,
     build_toy_pipeline,
     embedded_info,
     load_embedded_pipeline,
@@ -55,18 +55,29 @@ def test_generates_an_image_of_the_right_size(pipe):
     assert np.isfinite(np.asarray(image, np.float32)).all()
 
 
-def test_pixel_space_vae_is_exact_and_matches_the_pipeline_packing():
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    vae = PixelShuffleVAE()
-    z = vae.encode(x).latents
-    assert z.shape == (2, 12, 16, 16)
-    assert torch.equal(vae.decode(z).sample, x)
-    packed = pack_images(x)
-    assert packed.shape == (2, 64, 48)
-    unpacked = FluxPipeline._unpack_latents(packed, 32, 32, 2)  # the pipeline's vae_scale_factor: 2
-    assert torch.equal(vae.decode(unpacked).sample, x)
-    with pytest.raises(ValueError, match="latent_channels"):
-        PixelShuffleVAE(latent_channels=4)
+def test_autoencoder_reconstructs_scenes_and_matches_the_pipeline_layout(pipe):
+    """The trained autoencoder keeps most of what the judge reads: on 32 held-out scenes the judge finds the same
+    background, number of shapes, kinds and colours in the reconstruction as in the scene. Measured: 27 of 32 (102 of
+    128 on another seed); the judge reads the renders themselves right in ≥ 98 % (tests/test_toy.py)."""
+    from nagkit.toy.data import ToyDataset
+    from nagkit.toy.model import TRAIN_KINDS
+
+    data = ToyDataset(length=32, seed=4242, kinds=TRAIN_KINDS)
+    x = torch.stack([data[i][0] for i in range(32)])
+    with torch.no_grad():
+        packed = pack_images(pipe.vae, x)
+        assert packed.shape == (32, 16, 16)
+        # the pipeline's own decoding path: unpack, undo the standardisation, decode
+        z = FluxPipeline._unpack_latents(packed, 32, 32, pipe.vae_scale_factor)
+        z = z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        rec = pipe.vae.decode(z).sample.clamp(-1, 1)
+    agree = 0
+    for i in range(32):
+        scene = data.scene(i)
+        v = judge(rec[i].permute(1, 2, 0).numpy(), kinds=TRAIN_KINDS)
+        agree += (v.background == scene.background and len(v.shapes) == len(scene.shapes)
+                  and sorted((d.kind, d.colour) for d in v.shapes) == sorted((t.kind, t.colour) for t in scene.shapes))
+    assert agree >= 24, agree
 
 
 def test_trained_model_follows_the_background_colour(pipe):
@@ -142,22 +153,33 @@ def test_score_of_clean_renders():
 
 
 def test_training_resumes_exactly(tmp_path):
+    """Both stages resume bit-identically: interrupted in the autoencoder stage and again in the diffusion stage."""
     from nagkit.toy.train import train
 
     a, b = tmp_path / "a", tmp_path / "b"
-    record = train(a, steps=3, batch_size=2, warmup=1, checkpoint_every=10, log_every=1)
-    stopped = train(b, steps=3, batch_size=2, warmup=1, checkpoint_every=10, log_every=1, stop_at=2)
-    assert stopped == {"stopped_at": 2, "steps": 3} and not (b / EMBEDDED_WEIGHTS).exists()
-    assert torch.load(b / "checkpoint.pt", weights_only=False)["step"] == 2
-    resumed = train(b, steps=3, batch_size=2, warmup=1, checkpoint_every=10, log_every=1)
+    opts = dict(steps=3, ae_steps=2, batch_size=2, warmup=1, checkpoint_every=10, log_every=1)
+    record = train(a, **opts)
+    assert train(b, **opts, stop_at=1) == {"stopped_at": 1, "steps": 5}  # inside the autoencoder stage
+    assert not (b / EMBEDDED_WEIGHTS).exists()
+    assert torch.load(b / "checkpoint.pt", weights_only=False)["ae_step"] == 1
+    assert train(b, **opts, stop_at=3) == {"stopped_at": 3, "steps": 5}  # one diffusion step done
+    ckpt = torch.load(b / "checkpoint.pt", weights_only=False)
+    assert (ckpt["ae_step"], ckpt["step"]) == (2, 1)
+    resumed = train(b, **opts)
     assert resumed["final_loss"] == record["final_loss"]
+    assert resumed["autoencoder"]["scaling_factor"] == record["autoencoder"]["scaling_factor"]
     ea = torch.load(a / "checkpoint.pt", weights_only=False)["ema"]
     eb = torch.load(b / "checkpoint.pt", weights_only=False)["ema"]
+    assert any(k.startswith("vae.") for k in ea) and ea.keys() == eb.keys()
     for k, v in ea.items():
         assert torch.equal(v, eb[k]), k
     assert json.loads((a / "embedded.json").read_text())["steps"] == 3
     reloaded = build_toy_pipeline(b / EMBEDDED_WEIGHTS)
     assert torch.equal(reloaded.transformer.proj_out.weight, eb["transformer.proj_out.weight"])
+    assert torch.equal(reloaded.vae.decoder.conv_out.weight, eb["vae.decoder.conv_out.weight"])
+    assert reloaded.vae.config.scaling_factor == record["autoencoder"]["scaling_factor"]
+    with pytest.raises(ValueError, match="ae_steps must be >= 1"):
+        train(tmp_path / "c", steps=3, ae_steps=0)
 
 
 def test_held_out_loss_ranks_trained_above_random_weights(pipe):

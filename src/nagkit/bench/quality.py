@@ -236,7 +236,9 @@ def _training_section() -> list[str]:
         f"{record['minutes']:.1f} min wall time on {record['threads']} CPU threads (torch {record['torch']})"
         + _pace_note(record)
         + "; "
-        f"final loss {record['final_loss']:.4f}. Parameters: "
+        f"final loss {record['final_loss']:.4f}."
+        + _autoencoder_note(record)
+        + " Parameters: "
         + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in params.items())
         + f"; weights file {record['weights_bytes'] / 2**20:.1f} MiB.",
         "",
@@ -249,15 +251,29 @@ def _training_section() -> list[str]:
     return [*lines, ""]
 
 
+def _autoencoder_note(record: dict[str, Any]) -> str:
+    """The autoencoder stage of the training record (trained first; its minutes are part of the wall time)."""
+    ae = record.get("autoencoder")
+    if not ae:
+        return ""
+    return (f" The autoencoder was trained first: {ae['steps']} steps (lr {ae['lr']:g}, KL weight "
+            f"{ae['kl_weight']:g}), {ae['minutes']:.1f} min, final reconstruction MSE {ae['final_mse']:.4f}; "
+            f"the transformer then trained on its standardised latents (scale {ae['scaling_factor']:.3f}, shift "
+            f"{ae['shift_factor']:.3f}).")
+
+
 def _pace_note(record: dict[str, Any]) -> str:
     """The training record's median pace, and whether the wall time shows contention (other jobs on the CPU)."""
     pace = record.get("median_seconds_per_step")
     if not pace:
         return ""
-    paced = pace * record["steps"] / 60
+    ae_minutes = record.get("autoencoder", {}).get("minutes", 0.0)
+    paced = pace * record["steps"] / 60 + ae_minutes
+    stage = " + the autoencoder's minutes" if ae_minutes else ""
     if record["minutes"] <= 1.05 * paced:
-        return f", median {pace:.2f} s per step (the machine was not shared: wall time ≈ pace × steps)"
-    return f", median {pace:.2f} s per step = {paced:.0f} min without the stretches where other jobs shared the CPU"
+        return f", median {pace:.2f} s per step (the machine was not shared: wall time ≈ pace × steps{stage})"
+    return (f", median {pace:.2f} s per step = {paced:.0f} min (with the autoencoder stage) without the stretches "
+            "where other jobs shared the CPU")
 
 
 def write_quality_markdown(report: dict[str, Any], path: str | Path) -> tuple[Path, Path | None]:

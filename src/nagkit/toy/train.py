@@ -131,6 +131,7 @@ def train(
     ae_steps: int = 1500,
     ae_lr: float = 2e-3,
     ae_kl_weight: float = 1e-3,
+    simple_steps: int = 0,
 ) -> dict[str, object]:
     """Train (or resume training) the embedded model: first the autoencoder, then the transformer and text encoders
     on its latents.
@@ -152,6 +153,8 @@ def train(
         ae_steps: Optimiser steps of the autoencoder stage (same batch size, data of seed ``seed + 2``).
         ae_lr: Peak learning rate of the autoencoder stage.
         ae_kl_weight: Weight of the autoencoder's per-pixel KL term.
+        simple_steps: Curriculum: the first ``simple_steps`` diffusion steps draw one-shape scenes with fully specified
+            captions only (every word names something in the image), the rest the full mixture.
         stop_at: Stop after this many steps of both stages together (a planned interruption: the checkpoint is
             written, no weights); calling again without it resumes.
 
@@ -175,6 +178,8 @@ def train(
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     ae_opt = torch.optim.AdamW(vae.parameters(), lr=ae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     data = ToyDataset(length=10**9, seed=seed, kinds=TRAIN_KINDS, empty_prob=empty_prob, max_shapes=max_shapes)
+    simple = ToyDataset(length=10**9, seed=seed + 3, kinds=TRAIN_KINDS, empty_prob=empty_prob, max_shapes=1,
+                        levels=("full",))
     ae_data = ToyDataset(length=10**9, seed=seed + 2, kinds=TRAIN_KINDS, max_shapes=max_shapes)
 
     ae_start, start, elapsed, log_rows, ae_log = 0, 0, 0.0, [], []
@@ -246,7 +251,8 @@ def train(
         m.train().requires_grad_(True)
     while start < end - ae_steps:
         step = start
-        items = [data[i] for i in range(step * batch_size, (step + 1) * batch_size)]
+        source = simple if step < simple_steps else data
+        items = [source[i] for i in range(step * batch_size, (step + 1) * batch_size)]
         with torch.no_grad():
             x0 = pack_images(vae, torch.stack([it[0] for it in items]))
         captions = [it[1] for it in items]
@@ -309,6 +315,7 @@ def train(
         "kinds": list(TRAIN_KINDS),
         "max_shapes": max_shapes,
         "sigma_sampling": sigma_sampling,
+        "simple_steps": simple_steps,
         "autoencoder": {
             "steps": ae_steps,
             "lr": ae_lr,
@@ -383,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/embedded", help="output folder (resumed if it has a checkpoint)")
     p.add_argument("--steps", type=int, default=5600, help="diffusion steps")
     p.add_argument("--ae-steps", type=int, default=1500, help="autoencoder steps (trained first)")
+    p.add_argument("--simple-steps", type=int, default=0,
+                   help="curriculum: first diffusion steps on one-shape scenes with full captions")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.6e-3)
     p.add_argument("--max-shapes", type=int, default=2, choices=(1, 2))
@@ -407,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         steps=args.steps,
         ae_steps=args.ae_steps,
+        simple_steps=args.simple_steps,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
