@@ -238,3 +238,14 @@ def test_cli_demo_and_generate_without_model(tmp_path, capsys):
     assert main(["demo", "--negative", "blurry"]) == 2
     assert "names no colour" in capsys.readouterr().err
     assert main(["demo", "--seeds", "0"]) == 2
+
+
+def test_attribute_accuracy_counts_what_the_judge_reads(pipe):
+    from nagkit.toy.evaluate import attribute_accuracy
+
+    acc = attribute_accuracy(pipe, steps=2, seeds=[0])
+    assert acc["n"] == 18  # 3 kinds x 3 positions x 2 sizes, one seed
+    assert set(acc) == {"n", "background", "one_shape", "colour", "kind", "size", "position", "all"}
+    assert all(0.0 <= acc[k] <= 1.0 for k in acc if k != "n")
+    assert max(acc["colour"], acc["kind"], acc["size"], acc["position"]) <= acc["one_shape"]
+    assert acc["all"] <= min(acc["colour"], acc["kind"], acc["size"], acc["position"])
