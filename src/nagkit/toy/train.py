@@ -131,7 +131,7 @@ def train(
     ae_steps: int = 1500,
     ae_lr: float = 2e-3,
     ae_kl_weight: float = 1e-3,
-    simple_steps: int = 0,
+    simple_steps: int = 2000,
 ) -> dict[str, object]:
     """Train (or resume training) the embedded model: first the autoencoder, then the transformer and text encoders
     on its latents.
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/embedded", help="output folder (resumed if it has a checkpoint)")
     p.add_argument("--steps", type=int, default=5600, help="diffusion steps")
     p.add_argument("--ae-steps", type=int, default=1500, help="autoencoder steps (trained first)")
-    p.add_argument("--simple-steps", type=int, default=0,
+    p.add_argument("--simple-steps", type=int, default=2000,
                    help="curriculum: first diffusion steps on one-shape scenes with full captions")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.6e-3)
