@@ -70,16 +70,13 @@ EMBEDDED_RECORD = "embedded.json"
 
 #: Latent channels of the autoencoder (the transformer sees 2×2 patches of them: 16 values per token).
 LATENT_CHANNELS = 4
-_TRAINED = ("vae", "transformer", "text_encoder", "text_encoder_2")
+_WEIGHT_PARTS = ("vae", "transformer", "text_encoder", "text_encoder_2")  # key prefixes of a weights file
 _WIDTH = 64  # text encoder width (= Flux joint_attention_dim and pooled_projection_dim)
 
 
-def toy_autoencoder(scaling_factor: float = 1.0, shift_factor: float = 0.0) -> AutoencoderKL:
-    """The embedded model's autoencoder, untrained (weights from the current torch seed).
-
-    Args:
-        scaling_factor: Latent scale (``1 / std`` of the shifted latents of the training data).
-        shift_factor: Latent shift (their mean).
+def toy_autoencoder() -> AutoencoderKL:
+    """The embedded model's autoencoder, untrained (weights from the current torch seed; latent ``scaling_factor`` 1
+    and ``shift_factor`` 0 until training measures them, see :mod:`nagkit.toy.train`).
 
     Returns:
         A diffusers ``AutoencoderKL``: spatial factor 4, :data:`LATENT_CHANNELS` latent channels, 0.23 M parameters,
@@ -95,8 +92,8 @@ def toy_autoencoder(scaling_factor: float = 1.0, shift_factor: float = 0.0) -> A
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,
         sample_size=IMAGE_SIZE,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
+        scaling_factor=1.0,
+        shift_factor=0.0,
         mid_block_add_attention=False,
     )
 
@@ -202,7 +199,7 @@ def build_toy_pipeline(weights: str | Path | None = None, seed: int = 0) -> Flux
                              "file, or one from before the autoencoder)")
         vae.register_to_config(scaling_factor=float(meta["vae_scaling_factor"]),
                                shift_factor=float(meta["vae_shift_factor"]))
-        for name in _TRAINED:
+        for name in _WEIGHT_PARTS:
             module = getattr(pipe, name)
             part = {k[len(name) + 1 :]: v for k, v in state.items() if k.split(".", 1)[0] == name}
             missing, unexpected = module.load_state_dict(part, strict=False)
