@@ -232,7 +232,9 @@ def _training_section() -> list[str]:
         "",
         f"`{record.get('command', 'python -m nagkit.toy.train')}`: {record['steps']} steps × batch "
         f"{record['batch_size']}, AdamW lr {record['lr']:g} (warm-up {record['warmup']}, cosine to 10 %), seed "
-        f"{record['seed']}, {record['empty_prob']:.0%} empty captions, kinds {', '.join(record['kinds'])}; "
+        f"{record['seed']}, {record['empty_prob']:.0%} empty captions, kinds {', '.join(record['kinds'])}"
+        + _curriculum_note(record)
+        + "; "
         f"{record['minutes']:.1f} min wall time on {record['threads']} CPU threads (torch {record['torch']})"
         + _pace_note(record)
         + "; "
@@ -249,6 +251,12 @@ def _training_section() -> list[str]:
     every = max(1, len(log) // 12)
     lines += [f"| {r['step']} | {r['loss']:.4f} |" for i, r in enumerate(log) if i % every == 0 or i == len(log) - 1]
     return [*lines, ""]
+
+
+def _curriculum_note(record: dict[str, Any]) -> str:
+    """The curriculum of the training record (the first diffusion steps on one-shape, fully captioned scenes)."""
+    n = record.get("simple_steps", 0)
+    return f", the first {n} steps on one-shape scenes with fully specified captions" if n else ""
 
 
 def _autoencoder_note(record: dict[str, Any]) -> str:

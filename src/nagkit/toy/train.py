@@ -3,20 +3,30 @@
     python -m nagkit.toy.train --out runs/embedded            # ~40 min on 2 CPU cores
     python -m nagkit.toy.train --out runs/embedded --install  # ... and copy the weights into the package
 
-Objective: rectified flow, the FLUX.1 objective. For a clean image ``x0`` (packed pixels, see
-:func:`nagkit.toy.model.pack_images`), noise ``ε`` and ``σ ~ U(0, 1)``: ``x_σ = (1 − σ)·x0 + σ·ε``; the transformer
-(called exactly as ``FluxPipeline`` calls it, timestep ``σ``) regresses the velocity ``ε − x0`` (MSE). The text
-encoders (CLIP pooled + T5 sequence, both padded to 24 tokens without masks, as the pipeline encodes) are trained
-jointly. 10 % of captions are empty, so the model also learns the unconditional distribution (CFG works). Weights are
-an exponential moving average (decay 0.999, warm-up ``(1 + n) / (10 + n)``).
+Two stages, one command, one checkpoint:
+
+1. **Autoencoder** (``--ae-steps``, default 1,500): :func:`nagkit.toy.model.toy_autoencoder`, a diffusers
+   ``AutoencoderKL`` (factor 4, 4 latent channels), on rendered scenes (seed ``seed + 2``). Loss: MSE + L1 +
+   1e-3·KL per pixel. Its latent mean and standard deviation are then measured on 512 held-out scenes (seed
+   ``seed + 1``) and stored as ``shift_factor`` / ``scaling_factor`` (as FLUX.1's VAE has them).
+2. **Diffusion** (``--steps``, default 5,200): rectified flow, the FLUX.1 objective, on the standardised latents. For
+   a clean latent ``x0`` (:func:`nagkit.toy.model.pack_images`), noise ``ε`` and ``σ ~ U(0, 1)``:
+   ``x_σ = (1 − σ)·x0 + σ·ε``; the transformer (called exactly as ``FluxPipeline`` calls it, timestep ``σ``)
+   regresses the velocity ``ε − x0`` (MSE). The text encoders (CLIP pooled + T5 sequence, both padded to 24 tokens
+   without masks, as the pipeline encodes) are trained jointly; the autoencoder is frozen. 10 % of captions are
+   empty, so the model also learns the unconditional distribution (CFG works). Curriculum: the first
+   ``--simple-steps`` (default 2,000) steps draw one-shape scenes with fully specified captions only (seed
+   ``seed + 3``); without it the text does not bind to position, colour or kind in this budget. Weights are an
+   exponential moving average (decay 0.999, warm-up ``(1 + n) / (10 + n)``).
 
 Data: :class:`nagkit.toy.data.ToyDataset` (kinds :data:`~nagkit.toy.model.TRAIN_KINDS`, 8 colours, 1–2 shapes,
 captions at every level of detail). Batch ``n`` is items ``[n·B, (n+1)·B)`` and its noise comes from a generator
-seeded with ``(seed, n)``, so a run resumed from a checkpoint (written every ``--checkpoint-every`` steps) continues
-exactly as an uninterrupted run would.
+seeded with ``(seed, n)``, so a run resumed from a checkpoint (written every ``--checkpoint-every`` steps, in either
+stage) continues exactly as an uninterrupted run would.
 
-Outputs in ``--out``: ``checkpoint.pt`` (resume state), ``log.csv`` (step, loss, lr, seconds), ``embedded.safetensors``
-(EMA weights of ``transformer``, ``text_encoder``, ``text_encoder_2``) and ``embedded.json`` (training record).
+Outputs in ``--out``: ``checkpoint.pt`` (resume state of both stages), ``autoencoder_log.csv`` (step, mse, seconds),
+``log.csv`` (step, loss, lr, seconds), ``embedded.safetensors`` (EMA weights of ``transformer``, ``text_encoder``,
+``text_encoder_2``, and the autoencoder's final ``vae`` weights; latent scale and shift in its metadata) and ``embedded.json`` (training record).
 """
 
 from __future__ import annotations
@@ -117,7 +127,7 @@ def _latent_stats(vae: torch.nn.Module, seed: int, n: int = 512) -> tuple[float,
 
 def train(
     out: str | Path,
-    steps: int = 5600,
+    steps: int = 5200,
     batch_size: int = 32,
     lr: float = 1.6e-3,
     warmup: int = 100,
@@ -388,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     p = argparse.ArgumentParser(prog="python -m nagkit.toy.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/embedded", help="output folder (resumed if it has a checkpoint)")
-    p.add_argument("--steps", type=int, default=5600, help="diffusion steps")
+    p.add_argument("--steps", type=int, default=5200, help="diffusion steps")
     p.add_argument("--ae-steps", type=int, default=1500, help="autoencoder steps (trained first)")
     p.add_argument("--simple-steps", type=int, default=2000,
                    help="curriculum: first diffusion steps on one-shape scenes with full captions")
