@@ -108,19 +108,21 @@ def test_nag_installs_and_removes_exactly(pipe):
 
 
 def test_nag_lowers_the_red_rate_of_a_circle(pipe):
-    """Statistical, at 2 steps: "a circle" with NAG negative "red" (the preset scale, 5) shows red far less often than
-    without guidance.
+    """Statistical, at 2 steps: "a circle" with NAG negative "red" at the ``embedded`` preset (scale 8, τ 5, α 1)
+    shows red far less often than without guidance.
 
-    `nagkit bench --quality` (docs/quality.md, seeds 0-31) measures the red rate of "a circle" at 2 steps: 12 % with no
-    guidance, 0 % with NAG 5 (and 0 % with CFG 4).
-    Here 96 other seeds (100-195): measured 24 % -> 7 %. The test asks for a drop of at least 10 points and at most
-    half of the baseline left.
+    `nagkit bench --quality` (docs/quality.md, seeds 0-31) measures the red rate of "a circle" at 2 steps: 75 % with no
+    guidance, 31 % with the ``embedded`` preset (31 % with CFG 4; the Flux preset, NAG 5 τ 2.5 α 0.25, only 72 %).
+    Here 96 other seeds (100-195), held out from the choice of the preset: measured 76 % -> 20 %. The test asks for
+    a drop of at least 30 points and at most half of the baseline left.
     """
+    preset = nagkit.get_preset("embedded")
     seeds = list(range(100, 196))
     none = score(generate(pipe, "a circle", "red", Method("none"), 2, seeds), "a circle", "red")
-    nag = score(generate(pipe, "a circle", "red", Method("nag", 5.0), 2, seeds), "a circle", "red")
-    assert none["negative_rate"] >= 0.15, none
-    assert nag["negative_rate"] <= none["negative_rate"] - 0.1, (none, nag)
+    method = Method("nag", preset.scale, preset.tau, preset.alpha)
+    nag = score(generate(pipe, "a circle", "red", method, 2, seeds), "a circle", "red")
+    assert none["negative_rate"] >= 0.5, none
+    assert nag["negative_rate"] <= none["negative_rate"] - 0.3, (none, nag)
     assert nag["negative_rate"] <= 0.5 * none["negative_rate"], (none, nag)
 
 
@@ -203,7 +205,7 @@ def test_quality_benchmark_structure_and_findings(pipe, tmp_path):
     assert report["methods"] == ["none", "CFG 4", "NAG 5 (fast)", "NAG 5 (official)"]
     cell = report["pairs"][0]["methods"]["NAG 5 (fast)"][2]
     assert set(cell) == {"n", "negative_rate", "fidelity", "off_palette", "confidence"} and cell["n"] == 2
-    gap = report["pairs"][0]["fast_vs_official"]["5"]
+    gap = report["pairs"][0]["fast_vs_official"]["NAG 5"]
     assert set(gap) == {1, 2} and all(v >= 0 for v in gap.values())
     assert any("negative rate" in line for line in report["findings"])
     assert "NAG 5 (fast)" in render_quality(report)
@@ -224,28 +226,41 @@ def test_cli_demo_and_generate_without_model(tmp_path, capsys):
 
     rc = main(["demo", "--seeds", "2", "--out", str(tmp_path / "demo.png"), "--json", str(tmp_path / "demo.json")])
     out = capsys.readouterr().out
-    assert rc == 0 and "NAG 5 (fast)" in out and "CFG 4" in out
+    assert rc == 0 and "NAG 8 τ5 α1 (fast)" in out and "CFG 4" in out  # NAG row: the "embedded" preset
     grid = Image.open(tmp_path / "demo.png")
     assert grid.size[0] > 4 * 32 and grid.size[1] > 3 * 32
     numbers = json.loads((tmp_path / "demo.json").read_text())
-    assert [r["method"] for r in numbers["rows"]] == ["none", "CFG 4", "NAG 5 (fast)"]
+    assert [r["method"] for r in numbers["rows"]] == ["none", "CFG 4", "NAG 8 τ5 α1 (fast)"]
     assert set(numbers["rows"][2]["steps"]) == {"1", "2", "4", "8"}
+    rc = main(["demo", "--seeds", "1", "--nag-scale", "3", "--nag-alpha", "0.5", "--out", str(tmp_path / "d2.png"),
+               "--json", str(tmp_path / "d2.json")])
+    assert rc == 0
+    assert json.loads((tmp_path / "d2.json").read_text())["rows"][2]["method"] == "NAG 3 τ5 α0.5 (fast)"
+    assert main(["demo", "--nag-alpha", "2"]) == 2
+    assert "alpha" in capsys.readouterr().err
     rc = main(["generate", "a circle", "--negative", "red", "--steps", "2", "--out", str(tmp_path / "c.png")])
     assert rc == 0
     assert Image.open(tmp_path / "c.png").size == (32, 32)
     sidecar = json.loads((tmp_path / "c.json").read_text())
     assert sidecar["model"] == "embedded" and sidecar["pipeline"] == "FluxPipeline" and sidecar["negative"] == "red"
+    assert sidecar["preset"] == "embedded" and (sidecar["nag"]["scale"], sidecar["nag"]["alpha"]) == (8.0, 1.0)
     assert main(["demo", "--negative", "blurry"]) == 2
     assert "names no colour" in capsys.readouterr().err
     assert main(["demo", "--seeds", "0"]) == 2
 
 
-def test_attribute_accuracy_counts_what_the_judge_reads(pipe):
+def test_trained_model_follows_fully_specified_prompts(pipe):
+    """`attribute_accuracy` (18 fully specified one-shape prompts × 4 seeds, 8 steps, no guidance), measured on the
+    shipped weights: one shape 97 %, position 97 % (chance 1 in 9), colour 92 % (1 in 8), size 82 % (1 in 2), kind 42 %
+    (1 in 3: the weakest attribute, asserted only to beat chance), background 100 %. Thresholds leave room for
+    platform-level float differences, not for a model that ignores the text."""
     from nagkit.toy.evaluate import attribute_accuracy
 
-    acc = attribute_accuracy(pipe, steps=2, seeds=[0])
-    assert acc["n"] == 18  # 3 kinds x 3 positions x 2 sizes, one seed
+    acc = attribute_accuracy(pipe, steps=8)
+    assert acc["n"] == 72  # 3 kinds x 3 positions x 2 sizes x 4 seeds
     assert set(acc) == {"n", "background", "one_shape", "colour", "kind", "size", "position", "all"}
-    assert all(0.0 <= acc[k] <= 1.0 for k in acc if k != "n")
     assert max(acc["colour"], acc["kind"], acc["size"], acc["position"]) <= acc["one_shape"]
     assert acc["all"] <= min(acc["colour"], acc["kind"], acc["size"], acc["position"])
+    assert acc["one_shape"] >= 0.85 and acc["background"] >= 0.9, acc
+    assert acc["position"] >= 0.85 and acc["colour"] >= 0.75 and acc["size"] >= 0.65, acc
+    assert acc["kind"] > 1 / 3, acc

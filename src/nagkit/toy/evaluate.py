@@ -269,7 +269,11 @@ def image_grid(
     """
     side = cells[0][0][0].size[0] * zoom
     cell = tiles * side + (tiles - 1) * 2
-    pad, left, top = 8, 120, 24
+    # PIL's built-in font has no Greek letters: spell τ and α out.
+    row_labels = [label.replace("τ", "tau").replace("α", " alpha") for label in row_labels]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad, top = 8, 24
+    left = max(120, 12 + int(max(measure.textlength(label) for label in row_labels)))
     width = left + len(col_labels) * (cell + pad)
     height = top + len(row_labels) * (cell + pad)
     grid = Image.new("RGB", (width, height), (245, 245, 245))

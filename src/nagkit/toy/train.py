@@ -26,7 +26,8 @@ stage) continues exactly as an uninterrupted run would.
 
 Outputs in ``--out``: ``checkpoint.pt`` (resume state of both stages), ``autoencoder_log.csv`` (step, mse, seconds),
 ``log.csv`` (step, loss, lr, seconds), ``embedded.safetensors`` (EMA weights of ``transformer``, ``text_encoder``,
-``text_encoder_2``, and the autoencoder's final ``vae`` weights; latent scale and shift in its metadata) and ``embedded.json`` (training record).
+``text_encoder_2``, and the autoencoder's final ``vae`` weights; latent scale and shift in its metadata) and
+``embedded.json`` (training record).
 """
 
 from __future__ import annotations
