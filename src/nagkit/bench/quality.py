@@ -138,19 +138,22 @@ def run_quality(
     return report
 
 
-def findings(report: dict[str, Any], nag: str = NAG_EMBEDDED.label, cfg: str = "CFG 4") -> list[str]:
+def findings(report: dict[str, Any], nag: str | None = None, cfg: str = "CFG 4") -> list[str]:
     """Sentences computed from the numbers (no hand-written figures): NAG's preset vs no guidance and CFG per step
     count, where NAG does not win, and ``fast`` vs ``official``.
 
     Args:
         report: :func:`run_quality`'s report (``summary`` filled).
-        nag: Label of the NAG method to describe.
+        nag: Label of the NAG method to describe (default: the ``embedded`` preset's, else the first NAG method).
         cfg: Label of the CFG method to compare with.
 
     Returns:
         Markdown bullet lines.
     """
     summary = report["summary"]
+    if nag is None:
+        nags = [label for label in summary if label.startswith("NAG")]
+        nag = NAG_EMBEDDED.label if NAG_EMBEDDED.label in summary else (nags[0] if nags else "")
     if not {"none", nag, cfg} <= set(summary):
         return []
     out = []
