@@ -20,8 +20,8 @@ import numpy as np
 
 from nagkit.toy.evaluate import Method, generate, image_grid, score
 
-__all__ = ["QUALITY_METHODS", "QUALITY_PAIRS", "QUALITY_STEPS", "REGENERATE_QUALITY", "render_quality", "run_quality",
-           "write_quality_markdown"]
+__all__ = ["NAG_EMBEDDED", "QUALITY_METHODS", "QUALITY_PAIRS", "QUALITY_STEPS", "REGENERATE_QUALITY", "render_quality",
+           "run_quality", "write_quality_markdown"]
 
 REGENERATE_QUALITY = "nagkit bench --quality --markdown docs/quality.md --json docs/quality.json"
 #: (prompt, negative) pairs: each prompt leaves the negated attribute open.
@@ -34,7 +34,10 @@ QUALITY_PAIRS: tuple[tuple[str, str], ...] = (
     ("a green shape", "large"),
 )
 QUALITY_STEPS: tuple[int, ...] = (1, 2, 4, 8, 25)
-#: Methods compared; NAG's ``tau``/``alpha`` come from the Flux preset (2.5, 0.25), its preset scale is 5.
+#: NAG at the ``embedded`` preset (scale 8, τ 5, α 1): the settings the toy model needs (see ``nagkit.PRESETS``).
+NAG_EMBEDDED = Method("nag", 8.0, 5.0, 1.0)
+#: Methods compared: no guidance; CFG at three scales; NAG with the Flux preset's ``tau``/``alpha`` (2.5, 0.25) at four
+#: scales (preset scale 5) and in ``official`` mode; NAG at the ``embedded`` preset, ``fast`` and ``official``.
 QUALITY_METHODS: tuple[Method, ...] = (
     Method("none"),
     Method("cfg", 2.0),
@@ -45,9 +48,10 @@ QUALITY_METHODS: tuple[Method, ...] = (
     Method("nag", 8.0),
     Method("nag", 12.0),
     Method("nag", 5.0, mode="official"),
-    Method("nag", 8.0, mode="official"),
+    NAG_EMBEDDED,
+    Method("nag", 8.0, 5.0, 1.0, mode="official"),
 )
-_GRID_METHODS = ("none", "CFG 4", "NAG 5 (fast)")
+_GRID_METHODS = ("none", "CFG 4", NAG_EMBEDDED.label)
 _GRID_STEPS = (1, 2, 4, 8)
 
 
@@ -96,10 +100,10 @@ def run_quality(
                 rates = " ".join(f"{n}:{_cell(s)}" for n, s in by_method[method.label].items())
                 progress(f'"{prompt}" − "{negative}" {method.label:<20} {rates}  ({time.perf_counter() - t0:.0f} s)')
         gap = {}
-        for scale in sorted({m.scale for m in methods if m.kind == "nag" and m.mode == "official"}):
-            fast, official = f"NAG {scale:g} (fast)", f"NAG {scale:g} (official)"
+        for official in [m.label for m in methods if m.kind == "nag" and m.mode == "official"]:
+            fast = official.replace("(official)", "(fast)")
             if fast in by_method:
-                gap[f"{scale:g}"] = {
+                gap[official.removesuffix(" (official)")] = {
                     n: float(
                         np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() / 255
                                  for a, b in zip(images[(fast, n)], images[(official, n)], strict=True)])
@@ -134,19 +138,22 @@ def run_quality(
     return report
 
 
-def findings(report: dict[str, Any], nag: str = "NAG 5 (fast)", cfg: str = "CFG 4") -> list[str]:
+def findings(report: dict[str, Any], nag: str | None = None, cfg: str = "CFG 4") -> list[str]:
     """Sentences computed from the numbers (no hand-written figures): NAG's preset vs no guidance and CFG per step
     count, where NAG does not win, and ``fast`` vs ``official``.
 
     Args:
         report: :func:`run_quality`'s report (``summary`` filled).
-        nag: Label of the NAG method to describe.
+        nag: Label of the NAG method to describe (default: the ``embedded`` preset's, else the first NAG method).
         cfg: Label of the CFG method to compare with.
 
     Returns:
         Markdown bullet lines.
     """
     summary = report["summary"]
+    if nag is None:
+        nags = [label for label in summary if label.startswith("NAG")]
+        nag = NAG_EMBEDDED.label if NAG_EMBEDDED.label in summary else (nags[0] if nags else "")
     if not {"none", nag, cfg} <= set(summary):
         return []
     out = []
@@ -166,14 +173,19 @@ def findings(report: dict[str, Any], nag: str = "NAG 5 (fast)", cfg: str = "CFG 
     if loses_fidelity:
         out.append(f"* {nag} lowers prompt fidelity by more than 5 points at {', '.join(map(str, loses_fidelity))} "
                    "steps.")
+    flux = "NAG 5 (fast)"
+    if flux in summary and flux != nag:
+        rates = ", ".join(f"{summary[flux][n]['negative_rate']:.0%}" for n in report["steps"])
+        out.append(f"* {flux} (the Flux preset) for comparison: negative rate {rates} "
+                   f"(per step count {', '.join(map(str, report['steps']))}).")
     official = nag.replace("(fast)", "(official)")
     if official in summary:
         d = [summary[official][n]["negative_rate"] - summary[nag][n]["negative_rate"] for n in report["steps"]]
         f = [summary[official][n]["fidelity"] - summary[nag][n]["fidelity"] for n in report["steps"]]
         dn = ", ".join(f"{x * 100:+.0f}" for x in d)
         df = ", ".join(f"{x * 100:+.0f}" for x in f)
-        out.append(f"* `official` − `fast` mode at scale {nag.split()[1]}: negative rate {dn} points, fidelity {df} "
-                   f"points (per step count {', '.join(map(str, report['steps']))}).")
+        out.append(f"* `official` − `fast` mode, {nag.removesuffix(' (fast)')}: negative rate {dn} points, "
+                   f"fidelity {df} points (per step count {', '.join(map(str, report['steps']))}).")
     return out
 
 
@@ -232,11 +244,15 @@ def _training_section() -> list[str]:
         "",
         f"`{record.get('command', 'python -m nagkit.toy.train')}`: {record['steps']} steps × batch "
         f"{record['batch_size']}, AdamW lr {record['lr']:g} (warm-up {record['warmup']}, cosine to 10 %), seed "
-        f"{record['seed']}, {record['empty_prob']:.0%} empty captions, kinds {', '.join(record['kinds'])}; "
+        f"{record['seed']}, {record['empty_prob']:.0%} empty captions, kinds {', '.join(record['kinds'])}"
+        + _curriculum_note(record)
+        + "; "
         f"{record['minutes']:.1f} min wall time on {record['threads']} CPU threads (torch {record['torch']})"
         + _pace_note(record)
         + "; "
-        f"final loss {record['final_loss']:.4f}. Parameters: "
+        f"final loss {record['final_loss']:.4f}."
+        + _autoencoder_note(record)
+        + " Parameters: "
         + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in params.items())
         + f"; weights file {record['weights_bytes'] / 2**20:.1f} MiB.",
         "",
@@ -249,15 +265,35 @@ def _training_section() -> list[str]:
     return [*lines, ""]
 
 
+def _curriculum_note(record: dict[str, Any]) -> str:
+    """The curriculum of the training record (the first diffusion steps on one-shape, fully captioned scenes)."""
+    n = record.get("simple_steps", 0)
+    return f", the first {n} steps on one-shape scenes with fully specified captions" if n else ""
+
+
+def _autoencoder_note(record: dict[str, Any]) -> str:
+    """The autoencoder stage of the training record (trained first; its minutes are part of the wall time)."""
+    ae = record.get("autoencoder")
+    if not ae:
+        return ""
+    return (f" The autoencoder was trained first: {ae['steps']} steps (lr {ae['lr']:g}, KL weight "
+            f"{ae['kl_weight']:g}), {ae['minutes']:.1f} min, final reconstruction MSE {ae['final_mse']:.4f}; "
+            f"the transformer then trained on its standardised latents (scale {ae['scaling_factor']:.3f}, shift "
+            f"{ae['shift_factor']:.3f}).")
+
+
 def _pace_note(record: dict[str, Any]) -> str:
     """The training record's median pace, and whether the wall time shows contention (other jobs on the CPU)."""
     pace = record.get("median_seconds_per_step")
     if not pace:
         return ""
-    paced = pace * record["steps"] / 60
+    ae_minutes = record.get("autoencoder", {}).get("minutes", 0.0)
+    paced = pace * record["steps"] / 60 + ae_minutes
+    stage = " + the autoencoder's minutes" if ae_minutes else ""
     if record["minutes"] <= 1.05 * paced:
-        return f", median {pace:.2f} s per step (the machine was not shared: wall time ≈ pace × steps)"
-    return f", median {pace:.2f} s per step = {paced:.0f} min without the stretches where other jobs shared the CPU"
+        return f", median {pace:.2f} s per step (the machine was not shared: wall time ≈ pace × steps{stage})"
+    return (f", median {pace:.2f} s per step = {paced:.0f} min (with the autoencoder stage) without the stretches "
+            "where other jobs shared the CPU")
 
 
 def write_quality_markdown(report: dict[str, Any], path: str | Path) -> tuple[Path, Path | None]:
@@ -299,12 +335,13 @@ def write_quality_markdown(report: dict[str, Any], path: str | Path) -> tuple[Pa
         "* **confidence**: mean judge confidence (malformed shapes or ambiguous colours score low).",
         "",
         "CFG is true classifier-free guidance with the negative as `negative_prompt` (`true_cfg_scale`, two passes); "
-        "NAG uses the negative as NAG negative (`tau` 2.5, `alpha` 0.25: the Flux preset; preset scale 5), no CFG.",
+        "NAG uses the negative as NAG negative, no CFG: rows `NAG s` use the Flux preset's `tau` 2.5 and `alpha` "
+        "0.25 (preset scale 5); `NAG 8 τ5 α1` is the `embedded` preset, the setting this 6-block model needs.",
         "",
     ]
     if grid_path is not None:
         lines += [f'## Grid: "{first["prompt"]}", negative "{first["negative"]}"', "",
-                  "Rows: no guidance, CFG 4, NAG 5 (fast); columns: 1, 2, 4, 8 steps; the first four seeds of each "
+                  f"Rows: {', '.join(_GRID_METHODS)}; columns: 1, 2, 4, 8 steps; the first four seeds of each "
                   "cell.", "", f"![grid]({grid_path.name})", ""]
     lines += ["## Summary (mean over pairs)", "", "Cell: negative rate / fidelity.", ""]
     lines += _md_table(["method", *(f"{n} steps" for n in steps)],
@@ -324,7 +361,7 @@ def write_quality_markdown(report: dict[str, Any], path: str | Path) -> tuple[Pa
     if gaps:
         lines += ["## `fast` vs `official` mode (same seeds)", "",
                   "Mean absolute pixel difference between the two modes' images (fraction of full range).", ""]
-        lines += _md_table(["pair", "scale", *(f"{n} steps" for n in steps)],
+        lines += _md_table(["pair", "NAG", *(f"{n} steps" for n in steps)],
                            [[f'"{p}" − "{n_}"', s, *(f"{g[n]:.3f}" for n in steps)] for p, n_, s, g in gaps])
         lines.append("")
     if report.get("findings"):

@@ -254,6 +254,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _split_model_prompt(args)
     if args.steps is None:
         args.steps = 8 if args.model == EMBEDDED else 4
+    if args.model == EMBEDDED and args.preset is None:
+        args.preset = "embedded"
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -294,7 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``nagkit demo``: the embedded model, no guidance / CFG / NAG at 1, 2, 4, 8 steps, one PNG grid + numbers."""
     import json as json_
 
-    from ..toy.demo import format_demo, run_demo
+    from ..toy.demo import demo_methods, format_demo, run_demo
     from ..toy.evaluate import parse_negative
 
     if args.seeds < 1:
@@ -306,10 +308,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         parse_caption(args.prompt)
     except ValueError as err:
         raise CLIError(f"{err} (the embedded model knows the toy grammar: see `nagkit demo --help`)") from None
+    try:
+        demo_methods(args.cfg_scale, args.nag_scale, args.nag_tau, args.nag_alpha)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     print("loading the embedded model ...", file=sys.stderr)
     try:
         result = run_demo(args.out, args.prompt, args.negative, seeds=args.seeds, cfg_scale=args.cfg_scale,
-                          nag_scale=args.nag_scale)
+                          nag_scale=args.nag_scale, nag_tau=args.nag_tau, nag_alpha=args.nag_alpha)
     except FileNotFoundError as err:
         raise CLIError(str(err)) from None
     print(format_demo(result))
@@ -433,7 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--negative", default=None, help="negative prompt (default: 'red')")
     demo.add_argument("--seeds", type=int, default=16, help="images per cell (the grid shows 4; default 16)")
     demo.add_argument("--cfg-scale", type=float, default=None, help="CFG row's true_cfg_scale (default 4)")
-    demo.add_argument("--nag-scale", type=float, default=5.0, help="NAG row's scale (default 5, the Flux preset)")
+    demo.add_argument("--nag-scale", type=float, default=None,
+                      help="NAG row's scale (default 8, the 'embedded' preset)")
+    demo.add_argument("--nag-tau", type=float, default=None, help="NAG row's tau (default 5, the 'embedded' preset)")
+    demo.add_argument("--nag-alpha", type=float, default=None,
+                      help="NAG row's alpha (default 1, the 'embedded' preset)")
     demo.add_argument("--out", default="nagkit_demo.png", help="grid PNG path (default: nagkit_demo.png)")
     demo.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON")
     demo.set_defaults(func=cmd_demo)
@@ -447,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--nag-scale", type=float, default=None, help="nag_scale = paper phi + 1 (<= 1 is off)")
     gen.add_argument("--nag-tau", type=float, default=None, help="norm cap tau > 0")
     gen.add_argument("--nag-alpha", type=float, default=None, help="blend alpha in [0, 1]")
-    gen.add_argument("--preset", default=None, help="preset name (default: the model family's)")
+    gen.add_argument("--preset", default=None,
+                     help="preset name (default: the model family's; the embedded model: 'embedded')")
     gen.add_argument("--mode", default=None, choices=("fast", "official"),
                      help="fast (default): one image stream; official: the official code's outputs (Flux differs)")
     gen.add_argument("--nag-norm", default=None, choices=("l1", "l2"), help="norm of the cap (default by mode)")

@@ -115,6 +115,10 @@ PRESETS: dict[str, NAGConfig] = {
     "flux-kontext": NAGConfig(scale=5.0, tau=2.5, alpha=0.25, end=0.25),
     # No official diffusers Chroma code; ComfyUI-NAG's Chroma workflow: nag_scale 5, tau 2.5, alpha 0.25.
     "chroma": NAGConfig(scale=5.0, tau=2.5, alpha=0.25),
+    # nagkit's embedded toy model (nagkit.toy, 6 Flux blocks against FLUX.1's 57): the Flux preset barely moves it;
+    # the full NAG output (α 1) with a looser cap does. Picked among 5 settings on the quality benchmark's seeds,
+    # checked on held-out seeds (docs/quality.md, tests/test_embedded.py).
+    "embedded": NAGConfig(scale=8.0, tau=5.0, alpha=1.0),
 }
 
 

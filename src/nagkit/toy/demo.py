@@ -1,6 +1,6 @@
 """``nagkit demo``: negative prompting on the embedded model, no download — one PNG grid and the judge's numbers.
 
-Rows: no guidance, CFG with the negative (``true_cfg_scale``), NAG (the Flux preset); columns: 1, 2, 4 and 8
+Rows: no guidance, CFG with the negative (``true_cfg_scale``), NAG (the ``embedded`` preset); columns: 1, 2, 4 and 8
 sampling steps. Every cell is generated for the same seeds; the grid shows the first four, the numbers use all.
 """
 
@@ -22,17 +22,23 @@ DEMO_NEGATIVE = "red"
 DEMO_CFG_SCALE = 4.0
 
 
-def demo_methods(cfg_scale: float = DEMO_CFG_SCALE, nag_scale: float = 5.0) -> list[Method]:
+def demo_methods(cfg_scale: float = DEMO_CFG_SCALE, nag_scale: float | None = None, nag_tau: float | None = None,
+                 nag_alpha: float | None = None) -> list[Method]:
     """The demo's three rows.
 
     Args:
         cfg_scale: ``true_cfg_scale`` of the CFG row.
-        nag_scale: NAG scale of the NAG row (``tau``/``alpha`` from the Flux preset).
+        nag_scale: NAG scale of the NAG row (default: the ``embedded`` preset's, 8).
+        nag_tau: NAG ``tau`` (default: the ``embedded`` preset's, 5).
+        nag_alpha: NAG ``alpha`` (default: the ``embedded`` preset's, 1).
 
     Returns:
         ``[none, cfg, nag]``.
     """
-    return [Method("none"), Method("cfg", cfg_scale), Method("nag", nag_scale)]
+    from nagkit.core.config import get_preset
+
+    preset = get_preset("embedded").with_updates(scale=nag_scale, tau=nag_tau, alpha=nag_alpha)
+    return [Method("none"), Method("cfg", cfg_scale), Method("nag", preset.scale, preset.tau, preset.alpha)]
 
 
 def run_demo(
@@ -42,8 +48,10 @@ def run_demo(
     steps: Sequence[int] = (1, 2, 4, 8),
     seeds: int = 16,
     cfg_scale: float = DEMO_CFG_SCALE,
-    nag_scale: float = 5.0,
+    nag_scale: float | None = None,
     pipe: Any = None,
+    nag_tau: float | None = None,
+    nag_alpha: float | None = None,
 ) -> dict[str, Any]:
     """Generate the demo grid and score every cell.
 
@@ -54,8 +62,10 @@ def run_demo(
         steps: Step counts (columns).
         seeds: Images per cell (seeds ``0 .. seeds-1``).
         cfg_scale: CFG row's ``true_cfg_scale``.
-        nag_scale: NAG row's scale.
+        nag_scale: NAG row's scale (default: the ``embedded`` preset's).
         pipe: An already loaded embedded pipeline (default: load it).
+        nag_tau: NAG row's ``tau`` (default: the ``embedded`` preset's).
+        nag_alpha: NAG row's ``alpha`` (default: the ``embedded`` preset's).
 
     Returns:
         ``{"grid": path, "prompt", "negative", "seconds", "rows": [{"method", "steps": {n: score}}]}``.
@@ -66,7 +76,7 @@ def run_demo(
     pipe = load_embedded_pipeline() if pipe is None else pipe
     seed_list = list(range(seeds))
     rows, cells = [], []
-    for method in demo_methods(cfg_scale, nag_scale):
+    for method in demo_methods(cfg_scale, nag_scale, nag_tau, nag_alpha):
         row_cells, scores = [], {}
         for n in steps:
             images = generate(pipe, prompt, negative, method, n, seed_list)

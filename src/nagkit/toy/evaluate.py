@@ -25,7 +25,16 @@ from nagkit.toy.data import ALL_KINDS, COLOURS, POSITIONS, SIZES
 from nagkit.toy.judge import Verdict, judge, satisfies
 from nagkit.toy.model import EMBEDDED_CALL_KWARGS, TRAIN_KINDS
 
-__all__ = ["Method", "NegativeSpec", "generate", "image_grid", "negative_present", "parse_negative", "score"]
+__all__ = [
+    "Method",
+    "NegativeSpec",
+    "attribute_accuracy",
+    "generate",
+    "image_grid",
+    "negative_present",
+    "parse_negative",
+    "score",
+]
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,50 @@ def score(images: Sequence[Image.Image], prompt: str, negative: str) -> dict[str
     }
 
 
+#: Positions :func:`attribute_accuracy` asks for (two corners and the centre).
+PROBE_POSITIONS: tuple[str, ...] = ("top left", "bottom right", "center")
+
+
+def attribute_accuracy(pipe: Any, steps: int = 8, seeds: Sequence[int] = range(1000, 1004),
+                       palette_seed: int = 5) -> dict[str, float]:
+    """What the model follows: fully specified one-shape prompts (every training kind × :data:`PROBE_POSITIONS` ×
+    both sizes; shape and background colour drawn per prompt from ``palette_seed``), no guidance, read by the judge.
+
+    Args:
+        pipe: The embedded pipeline.
+        steps: Sampling steps.
+        seeds: Seeds per prompt.
+        palette_seed: Seed of the colour draw.
+
+    Returns:
+        Fractions of all images: ``background`` (prompted background found), ``one_shape`` (exactly one shape), and,
+        counting only one-shape images as hits, ``colour``, ``kind``, ``size``, ``position`` and ``all`` (every
+        attribute and the background right); ``n`` the number of images.
+    """
+    import itertools
+
+    rng = np.random.default_rng(palette_seed)
+    counts = dict.fromkeys(("background", "one_shape", "colour", "kind", "size", "position", "all"), 0)
+    n = 0
+    for kind, position, size in itertools.product(TRAIN_KINDS, PROBE_POSITIONS, SIZES):
+        colour, background = (str(c) for c in rng.choice(COLOURS, 2, replace=False))
+        prompt = f"a {size} {colour} {kind} at the {position} on a {background} background"
+        for image in generate(pipe, prompt, "", Method("none"), steps, seeds):
+            v = judge(image, kinds=TRAIN_KINDS)
+            n += 1
+            counts["background"] += v.background == background
+            if len(v.shapes) != 1:
+                continue
+            shape = v.shapes[0]
+            hits = {"colour": shape.colour == colour, "kind": shape.kind == kind, "size": shape.size == size,
+                    "position": shape.position == position}
+            counts["one_shape"] += 1
+            for key, hit in hits.items():
+                counts[key] += hit
+            counts["all"] += all(hits.values()) and v.background == background
+    return {**{k: c / n for k, c in counts.items()}, "n": n}
+
+
 def image_grid(
     cells: Sequence[Sequence[Sequence[Image.Image]]],
     row_labels: Sequence[str],
@@ -216,7 +269,11 @@ def image_grid(
     """
     side = cells[0][0][0].size[0] * zoom
     cell = tiles * side + (tiles - 1) * 2
-    pad, left, top = 8, 120, 24
+    # PIL's built-in font has no Greek letters: spell τ and α out.
+    row_labels = [label.replace("τ", "tau").replace("α", " alpha") for label in row_labels]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad, top = 8, 24
+    left = max(120, 12 + int(max(measure.textlength(label) for label in row_labels)))
     width = left + len(col_labels) * (cell + pad)
     height = top + len(row_labels) * (cell + pad)
     grid = Image.new("RGB", (width, height), (245, 245, 245))
