@@ -107,8 +107,16 @@ def test_remove_restores_exactly(family):
     before = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
     had_registry = hasattr(model, "_diffusers_hook")  # pipelines create an empty one through cache_context
     guide = nagkit.apply(model, negative=negative, scale=SCALE)
-    assert all(isinstance(m.processor, nagkit.adapters.NAGProcessor) for m in text_attention_modules(model).values())
+    modules = text_attention_modules(model)
+    assert all(m.processor is before[n] for n, m in modules.items())  # between calls: the model's own processors
+    seen = {}
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, m.processor) and None)
+               for n, m in modules.items()]
     run(model, inputs)
+    for h in handles:
+        h.remove()
+    assert all(isinstance(seen[n], nagkit.adapters.NAGProcessor) and seen[n].inner is before[n] for n in modules)
+    assert all(m.processor is before[n] for n, m in modules.items())
     guide.remove()
     after = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
     assert all(before[n] is after[n] for n in before)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ..core.config import NAGConfig
 from ..core.state import NAGState
 
 
@@ -23,9 +25,16 @@ class NAGProcessor:
     parameters of the processor they replace, because diffusers drops keyword arguments a processor does not name.
     """
 
-    def __init__(self, inner: object, state: NAGState) -> None:
+    def __init__(self, inner: object | None = None, state: NAGState | None = None) -> None:
+        # No required arguments: diffusers re-creates processors by calling their class with none (IP-Adapter
+        # loading). Without a state the processor is a pass-through to ``inner``.
         self.inner = inner
         self.state = state
+
+    @property
+    def packing(self):  # noqa: ANN201
+        """The layout of the guided call in flight, or None (then the processor passes through to ``inner``)."""
+        return None if self.state is None else self.state.packing
 
     # diffusers' ``set_attention_backend`` writes these on processors; keep them on the original one.
     @property
@@ -59,11 +68,13 @@ class Adapter:
         select: ``select(module_name, module) -> bool``: the attention modules that get NAG.
         text_arg: forward argument holding the text embeddings (packed as ``[positive | negative]``).
         mask_arg: forward argument holding a ``(B, L)`` text padding mask, or None when the family has none.
-        joint_mask: the mask covers ``[text | image]`` (Chroma) rather than the text only; the negative's part is
-            inserted after the prompt's text part.
+        pack_mask: ``pack_mask(access, args, kwargs, negative_mask, packing) -> (args, kwargs)``: packs the mask
+            argument for a guided call; default: ``mask_arg`` is a ``(B, L)`` text mask that becomes
+            ``[positive | negative]`` (families whose mask covers more than the text override it, e.g. Chroma).
         timestep_arg: forward argument holding the timestep (for the ``start``/``end`` window).
         timestep_max: the training horizon ``T`` in ``u = 1 − t/T``.
-        window_floor: round the window thresholds to integers (the official UNet ``nag_end`` rule).
+        window: ``window(config, t) -> bool``: whether a call at timestep ``t`` is guided; default
+            ``config.in_window(t, timestep_max)`` (UNet overrides it with the official integer rule).
         preset: default preset name.
         notes: one line for ``nagkit info``.
         negative_keys: further forward arguments a negative may carry (e.g. Flux's ``pooled_projections``).
@@ -80,16 +91,41 @@ class Adapter:
     select: Callable[[str, torch.nn.Module], bool]
     text_arg: str = "encoder_hidden_states"
     mask_arg: str | None = None
-    joint_mask: bool = False
     timestep_arg: str = "timestep"
     timestep_max: float = 1000.0
-    window_floor: bool = False
     preset: str = ""
     notes: str = ""
     negative_keys: tuple[str, ...] = ()
     official_norm: str = "l1"
     prepare: Callable | None = None
     block_forwards: dict[type, Callable] = field(default_factory=dict)
+    mask_packer: Callable | None = None
+    window: Callable | None = None
+
+    def processor_for(self, processor: object) -> type[NAGProcessor] | None:
+        """The NAG processor class that can wrap ``processor`` (by exact class, then subclass), or None."""
+        found = self.processors.get(type(processor))
+        if found is not None:
+            return found
+        for klass, nag_class in self.processors.items():
+            if isinstance(processor, klass):
+                return nag_class
+        return None
+
+    def in_window(self, config: NAGConfig, timestep: float) -> bool:
+        """Whether a denoiser call at ``timestep`` is inside the ``start``/``end`` window."""
+        if self.window is not None:
+            return self.window(config, timestep)
+        return config.in_window(timestep, self.timestep_max)
+
+    def pack_mask(self, access: Any, args: tuple, kwargs: dict, mask: torch.Tensor | None, packing: Any
+                  ) -> tuple[tuple, dict]:
+        """Pack the mask argument of a guided call (see ``mask_packer``)."""
+        if self.mask_packer is not None:
+            return self.mask_packer(access, args, kwargs, mask, packing)
+        from ..integration.hook import pack_text_mask
+
+        return pack_text_mask(self.mask_arg, access, args, kwargs, mask, packing)
 
 
 _REGISTRY: list[Adapter] = []
@@ -135,10 +171,7 @@ def nag_modules(model: torch.nn.Module, adapter: Adapter) -> dict[str, torch.nn.
         if not adapter.select(name, module):
             continue
         processor = module.processor
-        if isinstance(processor, NAGProcessor):
-            raise RuntimeError(f"{name} already has a NAG processor: NAG is already applied to this model; remove the "
-                               "existing guide first (guide.remove()) or update it (guide.update(...))")
-        if type(processor) not in adapter.processors:
+        if adapter.processor_for(processor) is None:
             supported = ", ".join(sorted(c.__name__ for c in adapter.processors))
             raise NotImplementedError(f"{adapter.model_class.__name__}.{name} uses {type(processor).__name__}, which "
                                       f"nagkit cannot guide; supported processors here: {supported}")

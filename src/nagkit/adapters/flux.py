@@ -58,7 +58,7 @@ class NAGFluxAttnProcessor(NAGProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        packing = self.state.packing
+        packing = self.packing
         if packing is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         cfg = self.state.config
@@ -211,7 +211,9 @@ def _prepare(model: torch.nn.Module, access: Any, args: tuple, kwargs: dict, ext
         pooled = access.get("pooled_projections", args, kwargs)
         full = pooled.clone()
         full[packing.rows] = pooled_neg.to(device=pooled.device, dtype=pooled.dtype)
-        dtype = model.x_embedder.weight.dtype
+        # the compute dtype, as FluxTransformer2DModel.forward casts the timestep (the x_embedder output's dtype);
+        # not a weight's dtype, which is the *storage* dtype under layerwise casting (fp8)
+        dtype = access.get("hidden_states", args, kwargs).dtype
         timestep = access.get("timestep", args, kwargs).to(dtype) * 1000
         guidance = access.get("guidance", args, kwargs)
         if guidance is None:
@@ -226,6 +228,24 @@ def _chroma_prepare(model: torch.nn.Module, access: Any, args: tuple, kwargs: di
     if state.config.mode == "official":
         raise ValueError("Chroma has no official NAG implementation to reproduce; use mode='fast'")
     return _prepare(model, access, args, kwargs, extras, packing, state)
+
+
+def _chroma_mask(access: Any, args: tuple, kwargs: dict, mask: torch.Tensor | None, packing: Any
+                 ) -> tuple[tuple, dict]:
+    """Chroma's ``attention_mask`` covers ``[text | image]``: the negative's part goes in after the prompt's text."""
+    pos_mask = access.get("attention_mask", args, kwargs)
+    if pos_mask is None and mask is None:
+        return args, kwargs
+    batch, lp, ln = packing.batch, packing.lp, packing.ln
+    if pos_mask is None:
+        text = access.get("encoder_hidden_states", args, kwargs)
+        length = lp + access.get("hidden_states", args, kwargs).shape[1]
+        pos_mask = torch.ones(batch, length, device=text.device, dtype=torch.long)
+    neg_mask = torch.ones(batch, ln, device=pos_mask.device, dtype=pos_mask.dtype)
+    if mask is not None:
+        neg_mask[packing.rows] = mask.to(device=pos_mask.device, dtype=pos_mask.dtype)
+    packed = torch.cat([pos_mask[:, :lp], neg_mask, pos_mask[:, lp:]], dim=1)
+    return access.set("attention_mask", packed, args, kwargs)
 
 
 def _flux_attention(name: str, module: torch.nn.Module) -> bool:
@@ -255,7 +275,7 @@ CHROMA = register_adapter(Adapter(
     processors={FluxAttnProcessor: NAGFluxAttnProcessor},
     select=_flux_attention,
     mask_arg="attention_mask",
-    joint_mask=True,
+    mask_packer=_chroma_mask,
     timestep_max=1.0,
     preset="chroma",
     notes="Chroma: as Flux fast mode (modulation is text-independent); Chroma's own additive text-mask semantics "

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from diffusers import PixArtTransformer2DModel
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from .base import Adapter, register_adapter
-from .unet import NAGAttnProcessor2_0, is_text_cross_attention
+from .unet import CLASSIC_PROCESSORS, is_text_cross_attention
 
 PIXART = register_adapter(Adapter(
     family="pixart",
     model_class=PixArtTransformer2DModel,
-    processors={AttnProcessor2_0: NAGAttnProcessor2_0},
+    processors={k: CLASSIC_PROCESSORS[k] for k in (AttnProcessor2_0, AttnProcessor, FusedAttnProcessor2_0)},
     select=is_text_cross_attention,
     mask_arg="encoder_attention_mask",
     preset="pixart",

@@ -21,7 +21,7 @@ class NAGSanaAttnProcessor2_0(NAGProcessor):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        packing = self.state.packing
+        packing = self.packing
         if packing is None or encoder_hidden_states is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask)
         cfg = self.state.config

@@ -32,7 +32,7 @@ class NAGJointAttnProcessor2_0(NAGProcessor):
         *args,
         **kwargs,
     ) -> torch.FloatTensor:
-        packing = self.state.packing
+        packing = self.packing
         if packing is None or encoder_hidden_states is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         cfg = self.state.config

@@ -1,6 +1,12 @@
 """SD1.5 / SDXL ``UNet2DConditionModel``: NAG on every text cross-attention (``attn2``), as the official SDXL code.
 
-Also home of :class:`NAGAttnProcessor2_0`, the NAG version of diffusers' ``AttnProcessor2_0`` (shared with PixArt).
+Also home of the NAG processors for diffusers' classic ``Attention`` processors (shared with PixArt): the SDPA one
+(``AttnProcessor2_0``), the default one ``set_default_attn_processor`` installs (``AttnProcessor``), fused QKV
+(``FusedAttnProcessor2_0``), attention slicing (``SlicedAttnProcessor``) and IP-Adapter (``IPAdapterAttnProcessor2_0``,
+``IPAdapterAttnProcessor``). Each computes the attention the way its original does; NAG acts on the text attention
+only. IP-Adapter image tokens are not negated: their attention is added after NAG, as the official code does with
+Wan's image context.
+
 Pooled text and time ids (SDXL ``added_cond_kwargs``) stay positive: the negative enters only through the
 cross-attention keys/values, like the official pipeline.
 """
@@ -9,14 +15,45 @@ from __future__ import annotations
 
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.image_processor import IPAdapterMaskProcessor
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    IPAdapterAttnProcessor,
+    IPAdapterAttnProcessor2_0,
+    SlicedAttnProcessor,
+)
 
-from ..kernels.cross import nag_cross_attention, sdpa_heads_first
+from ..core.config import NAGConfig
+from ..kernels.cross import Attend, nag_cross_attention, sdpa_heads_first
 from .base import Adapter, NAGProcessor, register_adapter
 
 
+def classic_heads_first(attn: Attention, slice_size: int | None = None) -> Attend:
+    """``attend`` for ``(B, H, L, D)`` tensors the way ``AttnProcessor`` (and, by ``slice_size`` rows of
+    ``B·H``, ``SlicedAttnProcessor``) computes it: ``attn.get_attention_scores`` then ``bmm``."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, h, lq, d = q.shape
+        q3, k3, v3 = (x.reshape(b * h, x.shape[2], d) for x in (q, k, v))
+        m3 = None if mask is None else mask.expand(b, h, -1, -1).reshape(b * h, mask.shape[2], mask.shape[3])
+        step = slice_size or b * h
+        out = torch.empty(b * h, lq, d, device=q.device, dtype=q.dtype)
+        for start in range(0, b * h, step):
+            stop = start + step
+            probs = attn.get_attention_scores(q3[start:stop], k3[start:stop],
+                                              None if m3 is None else m3[start:stop])
+            out[start:stop] = torch.bmm(probs, v3[start:stop])
+        return out.view(b, h, lq, d).transpose(1, 2).reshape(b, lq, h * d)
+
+    return attend
+
+
 class NAGAttnProcessor2_0(NAGProcessor):
-    """``AttnProcessor2_0`` with NAG on the cross-attention output (before the output projection)."""
+    """NAG over a classic ``Attention`` processor (``AttnProcessor2_0`` and its fused, sliced, default and IP-Adapter
+    relatives): NAG on the text cross-attention output, before the output projection."""
 
     def __call__(
         self,
@@ -28,10 +65,27 @@ class NAGAttnProcessor2_0(NAGProcessor):
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        packing = self.state.packing
+        packing = self.packing
         if packing is None or encoder_hidden_states is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        cfg = self.state.config
+        return self.guided(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def attend(self, attn: Attention) -> Attend:
+        """The attention kernel of the wrapped processor."""
+        inner = self.inner
+        if isinstance(inner, SlicedAttnProcessor):
+            return classic_heads_first(attn, inner.slice_size)
+        if isinstance(inner, (AttnProcessor, IPAdapterAttnProcessor)):
+            return classic_heads_first(attn)
+        return sdpa_heads_first(attn.heads)
+
+    def guided(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | tuple,
+               attention_mask: torch.Tensor | None, temb: torch.Tensor | None,
+               ip_adapter_masks: torch.Tensor | list | None = None) -> torch.Tensor:
+        cfg, packing = self.state.config, self.packing
+        ip_hidden_states = None
+        if isinstance(encoder_hidden_states, tuple):  # IP-Adapter: (text, [image tokens per adapter])
+            encoder_hidden_states, ip_hidden_states = encoder_hidden_states
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -50,8 +104,10 @@ class NAGAttnProcessor2_0(NAGProcessor):
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        if isinstance(self.inner, FusedAttnProcessor2_0):
+            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -61,8 +117,11 @@ class NAGAttnProcessor2_0(NAGProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        hidden_states = nag_cross_attention(sdpa_heads_first(attn.heads), query, key, value, attention_mask, packing,
+        attend = self.attend(attn)
+        hidden_states = nag_cross_attention(attend, query, key, value, attention_mask, packing,
                                             cfg.scale, cfg.tau, cfg.alpha, cfg.norm, seq_dim=2)
+        if ip_hidden_states is not None:
+            hidden_states = hidden_states + self.ip_adapter(attn, attend, query, ip_hidden_states, ip_adapter_masks)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -72,20 +131,86 @@ class NAGAttnProcessor2_0(NAGProcessor):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    def ip_adapter(self, attn: Attention, attend: Attend, query: torch.Tensor, ip_hidden_states: list,
+                   ip_adapter_masks: torch.Tensor | list | None) -> torch.Tensor:
+        """The IP-Adapter image-token attention (the same on both NAG branches), as ``IPAdapterAttnProcessor2_0``."""
+        inner = self.inner
+        batch, heads, _, head_dim = query.shape
+        if ip_adapter_masks is None:
+            ip_adapter_masks = [None] * len(inner.scale)
+        elif not isinstance(ip_adapter_masks, list):
+            ip_adapter_masks = list(ip_adapter_masks.unsqueeze(1))
+        total = torch.zeros((), dtype=query.dtype, device=query.device)
+        for states, scale, to_k_ip, to_v_ip, mask in zip(ip_hidden_states, inner.scale, inner.to_k_ip,
+                                                          inner.to_v_ip, ip_adapter_masks, strict=True):
+            if (all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0):
+                continue
+            images = [states] if mask is None else [states[:, i] for i in range(mask.shape[1])]
+            scales = scale if isinstance(scale, list) else [scale] * len(images)
+            for i, image in enumerate(images):
+                ip_key = to_k_ip(image).view(batch, -1, heads, head_dim).transpose(1, 2)
+                ip_value = to_v_ip(image).view(batch, -1, heads, head_dim).transpose(1, 2)
+                out = attend(query, ip_key, ip_value, None)
+                if mask is not None:
+                    down = IPAdapterMaskProcessor.downsample(mask[:, i], batch, out.shape[1], out.shape[2])
+                    out = out * down.to(dtype=query.dtype, device=query.device)
+                total = total + scales[i] * out
+        return total
+
+
+class NAGIPAdapterAttnProcessor(NAGAttnProcessor2_0):
+    """NAG over ``IPAdapterAttnProcessor2_0`` / ``IPAdapterAttnProcessor`` (their ``__call__`` parameters, so
+    ``ip_adapter_masks`` reaches the processor)."""
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        scale: float = 1.0,
+        ip_adapter_masks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        packing = self.packing
+        if packing is None or encoder_hidden_states is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, scale,
+                              ip_adapter_masks)
+        if not isinstance(encoder_hidden_states, tuple):
+            raise ValueError("NAG with an IP-Adapter needs the image embeddings as the tuple the UNet builds "
+                             "(pass ip_adapter_image / ip_adapter_image_embeds to the pipeline)")
+        return self.guided(attn, hidden_states, encoder_hidden_states, attention_mask, temb, ip_adapter_masks)
+
+
+#: The classic ``Attention`` processors NAG wraps, and the NAG class for each.
+CLASSIC_PROCESSORS: dict[type, type[NAGProcessor]] = {
+    AttnProcessor2_0: NAGAttnProcessor2_0,
+    AttnProcessor: NAGAttnProcessor2_0,
+    FusedAttnProcessor2_0: NAGAttnProcessor2_0,
+    SlicedAttnProcessor: NAGAttnProcessor2_0,
+    IPAdapterAttnProcessor2_0: NAGIPAdapterAttnProcessor,
+    IPAdapterAttnProcessor: NAGIPAdapterAttnProcessor,
+}
 
 def is_text_cross_attention(name: str, module: torch.nn.Module) -> bool:
     """``attn2`` modules that attend to the text (the official selection: every processor named ``attn2``)."""
     return name.endswith("attn2") and bool(getattr(module, "is_cross_attention", False))
 
 
+def _official_unet_window(config: NAGConfig, timestep: float) -> bool:
+    """The official SDXL rule: guided while ``floor((1 − end)·999) ≤ t ≤ ceil((1 − start)·999)``."""
+    return config.in_window(timestep, 999.0, floor=True)
+
+
 UNET = register_adapter(Adapter(
     family="unet",
     model_class=UNet2DConditionModel,
-    processors={AttnProcessor2_0: NAGAttnProcessor2_0},
+    processors=CLASSIC_PROCESSORS,
     select=is_text_cross_attention,
     mask_arg="encoder_attention_mask",
     timestep_max=999.0,  # official SDXL: NAG off once t < floor((1 - nag_end) * 999)
-    window_floor=True,
+    window=_official_unet_window,
     preset="sdxl",
-    notes="SD1.5/SDXL (incl. DMD2, Lightning, Turbo checkpoints): NAG on every cross-attention attn2",
+    notes="SD1.5/SDXL (incl. DMD2, Lightning, Turbo checkpoints): NAG on every cross-attention attn2; default, "
+          "fused, sliced and IP-Adapter processors (IP-Adapter image tokens not negated)",
 ))

@@ -26,18 +26,19 @@ class NAGWanAttnProcessor(NAGProcessor):
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        packing = self.state.packing
+        packing = self.packing
         if packing is None or encoder_hidden_states is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         cfg = self.state.config
         backend = self._attention_backend
 
-        context_img = None
-        if attn.add_k_proj is not None:
-            # [image context | positive text | negative text]: the text length is known exactly here.
-            n_img = encoder_hidden_states.shape[1] - packing.lp - packing.ln
+        # [image context | positive text | negative text]: the text length is known exactly here.
+        context_img, n_img = None, encoder_hidden_states.shape[1] - packing.lp - packing.ln
+        if attn.add_k_proj is not None:  # I2V: the image context has its own K/V projections
             context_img = encoder_hidden_states[:, :n_img]
             encoder_hidden_states = encoder_hidden_states[:, n_img:]
+            n_img = 0
+        # else (``image_dim`` without ``added_kv_proj_dim``): the image tokens are plain context keys of both branches
 
         query = attn.to_q(hidden_states)
         if attn.fused_projections:
@@ -54,7 +55,7 @@ class NAGWanAttnProcessor(NAGProcessor):
             return out.flatten(2, 3).type_as(q)
 
         hidden_states = nag_cross_attention(attend, query, key, value, attention_mask, packing,
-                                            cfg.scale, cfg.tau, cfg.alpha, cfg.norm, seq_dim=1)
+                                            cfg.scale, cfg.tau, cfg.alpha, cfg.norm, seq_dim=1, prefix=n_img)
 
         if context_img is not None:
             if attn.fused_projections:

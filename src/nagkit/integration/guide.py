@@ -2,14 +2,20 @@
 
 What gets installed (and removed by :meth:`Guide.remove`):
 
-* on each denoiser, one diffusers ``ModelHook`` (:mod:`nagkit.integration.hook`) that packs the negative text after
-  the positive one on guided calls;
-* on each text cross-attention module, a NAG processor wrapping the original one (``set_processor``);
-* on a pipeline, an instance-level wrapper of ``encode_prompt`` that encodes the NAG negative with the call's settings.
+* on each denoiser, one diffusers ``ModelHook`` (:mod:`nagkit.integration.hook`) that, on guided calls only, packs the
+  negative text after the positive one and puts NAG processors over the guided attention modules' current processors
+  for the duration of that forward (between calls the model carries exactly its own processors);
+* on blocks whose text stream needs its own modulation (FLUX), a block hook that is a pass-through on plain calls;
+* on a pipeline, instance-level wrappers of ``check_inputs`` (a call starts; a replaced denoiser is followed),
+  ``encode_prompt`` (the NAG negative is encoded with the call's settings) and ``maybe_free_model_hooks`` (the call
+  ends);
+* ``__deepcopy__`` / ``__reduce_ex__`` instance attributes: a deep copy is an independent guided copy, pickling is
+  refused with a clear error (hooks are closures).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,26 +23,25 @@ import torch
 
 from ..adapters import Adapter, adapter_for, nag_modules, supported_models
 from ..core.config import NAGConfig, get_preset
-from ..core.state import NAGState
-from ..kernels.cross import Packing
-from .hook import ArgAccess, NAGBlockHook, NAGDenoiserHook, install_hook, uninstall_hook
-from .pipelines import PIPELINES, PipelineSpec, bind_arguments, is_pipeline, negative_arguments, pipeline_spec
+from ..core.state import NAGState, Negative
+from .hook import NAGBlockHook, NAGDenoiserHook, install_hook, uninstall_hook
+from .pipelines import (
+    PIPELINES,
+    PipelineMethod,
+    PipelineSpec,
+    bind_arguments,
+    encode_negative,
+    is_pipeline,
+    missing_encoders,
+    pipeline_denoisers,
+    pipeline_spec,
+)
 
 _MARK = "_nagkit_guide"
 NegativePrompt = str | list[str] | None
 
 
-@dataclass
-class _Negative:
-    """The negative for the current pipeline call (or the fixed model-level negative)."""
-
-    embeds: torch.Tensor  # (R, Ln, C)
-    mask: torch.Tensor | None  # (R, Ln)
-    positive: torch.Tensor | None = None  # (R, Lp, C): the call's prompt embeddings, to find the conditional rows
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. the negative's pooled embedding (R, P)
-
-
-def _check_negative_dict(negative: dict[str, Any], adapter: Adapter) -> _Negative:
+def _check_negative_dict(negative: dict[str, Any], adapter: Adapter) -> Negative:
     allowed = {adapter.text_arg, *adapter.negative_keys} | ({adapter.mask_arg} if adapter.mask_arg else set())
     unknown = set(negative) - allowed
     if unknown:
@@ -54,38 +59,88 @@ def _check_negative_dict(negative: dict[str, Any], adapter: Adapter) -> _Negativ
         if not isinstance(value, torch.Tensor) or value.shape[0] != embeds.shape[0]:
             raise ValueError(f"negative[{key!r}] must be a tensor with the same batch as "
                              f"negative[{adapter.text_arg!r}] ({embeds.shape[0]})")
-    return _Negative(embeds=embeds, mask=mask, extras=extras)
+    return Negative(embeds=embeds, mask=mask, extras=extras)
 
 
-def _timestep_value(t: Any) -> float:
-    if isinstance(t, torch.Tensor):
-        return float(t.detach().float().max())
-    return float(t)
+def _check_pipeline_embeddings(pipe: Any, spec: PipelineSpec, embeds: torch.Tensor | None, mask: torch.Tensor | None,
+                               pooled: torch.Tensor | None) -> Negative | None:
+    """``negative_prompt_embeds`` & co. given to ``apply``/``update`` for a pipeline, as a :class:`Negative`."""
+    if embeds is None:
+        if mask is not None or pooled is not None:
+            raise ValueError("negative_prompt_attention_mask / negative_pooled_prompt_embeds need "
+                             "negative_prompt_embeds")
+        return None
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
+        raise ValueError("negative_prompt_embeds must be a (batch, tokens, channels) tensor")
+    if mask is not None:
+        if spec.mask_index is None:
+            raise ValueError(f"{type(pipe).__name__} has no text mask: negative_prompt_attention_mask is not used")
+        if not isinstance(mask, torch.Tensor) or mask.shape != embeds.shape[:2]:
+            raise ValueError(f"negative_prompt_attention_mask must be a (batch, tokens) tensor matching "
+                             f"negative_prompt_embeds {tuple(embeds.shape[:2])}")
+    extras = {}
+    if pooled is not None:
+        if "pooled_projections" not in spec.extras:
+            raise ValueError(f"NAG on {type(pipe).__name__} keeps the prompt's pooled embedding (as the official "
+                             "code): negative_pooled_prompt_embeds is not used")
+        if not isinstance(pooled, torch.Tensor) or pooled.ndim != 2 or pooled.shape[0] != embeds.shape[0]:
+            raise ValueError("negative_pooled_prompt_embeds must be a (batch, channels) tensor with the batch of "
+                             "negative_prompt_embeds")
+        extras["pooled_projections"] = pooled
+    return Negative(embeds=embeds, mask=mask, extras=extras)
 
 
-@torch.compiler.disable
-def _in_window(config: NAGConfig, t: Any, adapter: Adapter) -> bool:
-    return config.in_window(_timestep_value(t), adapter.timestep_max, adapter.window_floor)
+def _check_negative_prompt(negative_prompt: NegativePrompt) -> None:
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return
+    if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(p, str) for p in negative_prompt):
+        raise TypeError("negative_prompt must be a string or a list of strings (one per prompt)")
+    if len(negative_prompt) == 0:
+        raise ValueError("negative_prompt must not be an empty list")
 
 
-@torch.compiler.disable
-def _same(text: torch.Tensor, positive: torch.Tensor) -> bool:
-    return text.shape == positive.shape and torch.equal(text, positive.to(device=text.device, dtype=text.dtype))
+def _mode_norm(mode: str, adapter: Adapter) -> str:
+    return adapter.official_norm if mode == "official" else "l1"
 
 
-@torch.compiler.disable
-def _conditional_half(text: torch.Tensor, positive: torch.Tensor | None, rows: int) -> slice:
-    """Rows of a batched-CFG call that hold the prompt: the half equal to the prompt embeddings.
+@dataclass
+class _Installed:
+    """What one guide installed on one denoiser."""
 
-    diffusers' classic pipelines stack ``[unconditional, conditional]``; that order is the fallback when both or
-    neither half match (e.g. a CFG negative equal to the prompt).
-    """
-    if positive is not None:
-        pos = positive.to(device=text.device, dtype=text.dtype)
-        first, second = torch.equal(text[:rows], pos), torch.equal(text[rows:], pos)
-        if first and not second:
-            return slice(0, rows)
-    return slice(rows, 2 * rows)
+    module: torch.nn.Module
+    adapter: Adapter
+    hooks: list[tuple[torch.nn.Module, dict[str, Any]]] = field(default_factory=list)
+
+
+class _CopyGuided:
+    """``__deepcopy__`` of a guided target: copy it clean, then guide the copy with the same settings."""
+
+    def __init__(self, guide: Guide, module: torch.nn.Module | None = None) -> None:
+        self.guide = guide
+        self.module = module  # a pipeline's denoiser copied on its own: the copy is plain (NAG is the pipeline's)
+
+    def __call__(self, memo: dict) -> Any:
+        guide = self.guide
+        target = guide.target if self.module is None else self.module
+        guide._uninstall()
+        try:
+            clone = copy.deepcopy(target, memo)
+        finally:
+            guide._install()
+        if self.module is None:
+            twin = Guide(clone, guide.state.config, guide._negative_prompt, copy.deepcopy(guide.state.fixed, memo),
+                         guide.negative_max_length)
+            twin._install()
+        return clone
+
+
+class _RefusePickle:
+    def __init__(self, target: Any) -> None:
+        self.name = type(target).__name__
+
+    def __call__(self, *args: Any) -> Any:
+        raise TypeError(f"cannot pickle a {self.name} with NAG installed (its hooks are not picklable): pickle it "
+                        "before nagkit.apply or after guide.remove(), and apply NAG again after loading")
 
 
 class Guide:
@@ -95,21 +150,15 @@ class Guide:
     Create it with :func:`nagkit.apply`.
     """
 
-    def __init__(self, target: Any, config: NAGConfig, negative_prompt: NegativePrompt,
-                 negative: dict[str, Any] | None, negative_max_length: int | None = None) -> None:
+    def __init__(self, target: Any, config: NAGConfig, negative_prompt: NegativePrompt, fixed: Negative | None,
+                 negative_max_length: int | None = None) -> None:
         self.target = target
         self.negative_max_length = negative_max_length
-        self.state = NAGState(config=config)
+        self.state = NAGState(config=config, fixed=fixed)
         self.spec: PipelineSpec | None = pipeline_spec(target) if is_pipeline(target) else None
         self._negative_prompt = negative_prompt
-        self._negative_input = negative
-        self._fixed: _Negative | None = None
-        self._call: _Negative | None = None
-        self._call_started = False  # a denoiser ran since the negative was encoded (a new pipeline call begins)
-        self._denoisers: list[tuple[torch.nn.Module, Adapter]] = []
-        self._processors: list[tuple[torch.nn.Module, Any]] = []
-        self._hooks: list[tuple[torch.nn.Module, dict[str, Any]]] = []
-        self._wrapped: dict[str, dict[str, Any]] = {}  # pipeline methods wrapped as instance attributes
+        self._denoisers: list[_Installed] = []
+        self._wrapped: dict[str, dict[str, Any]] = {}  # attributes of the target set by nagkit
         self._installed = False
 
     # ------------------------------------------------------------------ public API
@@ -123,7 +172,15 @@ class Guide:
         """False once :meth:`remove` ran."""
         return self._installed
 
+    @property
+    def denoisers(self) -> list[torch.nn.Module]:
+        """The denoisers NAG is installed on (a pipeline's replaced denoiser is followed at its next call)."""
+        return [d.module for d in self._denoisers]
+
     def update(self, negative_prompt: NegativePrompt = None, *, negative: dict[str, Any] | None = None,
+               negative_prompt_embeds: torch.Tensor | None = None,
+               negative_prompt_attention_mask: torch.Tensor | None = None,
+               negative_pooled_prompt_embeds: torch.Tensor | None = None,
                scale: float | None = None, tau: float | None = None, alpha: float | None = None,
                start: float | None = None, end: float | None = None, norm: str | None = None,
                mode: str | None = None) -> Guide:
@@ -131,7 +188,9 @@ class Guide:
 
         Args:
             negative_prompt: new NAG negative prompt (pipelines), a string or one string per prompt.
-            negative: new precomputed negative (see :func:`nagkit.apply`).
+            negative: new precomputed negative under the denoiser's argument names (see :func:`nagkit.apply`).
+            negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds: new negative in
+                the pipeline's embedding form (see :func:`nagkit.apply`).
             scale, tau, alpha, start, end, norm, mode: see :class:`nagkit.NAGConfig`. Switching ``mode`` without a
                 ``norm`` also switches to that mode's norm.
 
@@ -139,20 +198,28 @@ class Guide:
             self.
         """
         self._require_installed()
+        adapter = self._denoisers[0].adapter
         if mode is not None and norm is None and mode != self.state.config.mode:
-            norm = _mode_norm(mode, self._denoisers[0][1])
+            norm = _mode_norm(mode, adapter)
         config = self.state.config.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm,
                                                 mode=mode)
-        if negative_prompt is not None and negative is not None:
-            raise ValueError("give either negative_prompt or negative, not both")
+        given = [x is not None for x in (negative_prompt, negative, negative_prompt_embeds)]
+        if sum(given) > 1:
+            raise ValueError("give one of negative_prompt, negative, negative_prompt_embeds")
         if negative is not None:
-            self._fixed = _check_negative_dict(negative, self._denoisers[0][1])
-            self._negative_input, self._negative_prompt = negative, None
+            self.state.fixed, self._negative_prompt = _check_negative_dict(negative, adapter), None
+        elif negative_prompt_embeds is not None:
+            if self.spec is None:
+                raise ValueError("negative_prompt_embeds needs a pipeline; for a bare denoiser pass negative={...}")
+            self.state.fixed = _check_pipeline_embeddings(self.target, self.spec, negative_prompt_embeds,
+                                                          negative_prompt_attention_mask, negative_pooled_prompt_embeds)
+            self._negative_prompt = None
         elif negative_prompt is not None:
             _check_negative_prompt(negative_prompt)
             if self.spec is None:
                 raise ValueError("negative_prompt needs a pipeline; for a bare denoiser pass negative={...}")
-            self._negative_prompt, self._negative_input, self._fixed = negative_prompt, None, None
+            _check_can_encode(self.target, self.spec, negative_prompt)
+            self._negative_prompt, self.state.fixed = negative_prompt, None
         self.state.config = config
         return self
 
@@ -160,20 +227,8 @@ class Guide:
         """Uninstall everything nagkit added; the target then behaves exactly as before :func:`apply`."""
         if not self._installed:
             return
-        for module, processor in reversed(self._processors):
-            module.set_processor(processor)
-        for module, record in reversed(self._hooks):
-            uninstall_hook(module, record)
-        for name, record in self._wrapped.items():
-            if record["had"]:
-                setattr(self.target, name, record["value"])
-            else:
-                self.target.__dict__.pop(name, None)
-        for obj in [self.target, *(m for m, _ in self._denoisers)]:
-            if getattr(obj, _MARK, None) is self:
-                delattr(obj, _MARK)
-        self._processors, self._hooks, self._wrapped, self._denoisers, self._call = [], [], {}, [], None
-        self._installed = False
+        self._uninstall()
+        self.state.end_call()
 
     def __enter__(self) -> Guide:
         return self
@@ -182,219 +237,131 @@ class Guide:
         self.remove()
 
     def __repr__(self) -> str:
-        what = type(self.target).__name__
-        return f"Guide({what}, {self.state.config}, installed={self._installed})"
+        return f"Guide({type(self.target).__name__}, {self.state.config}, installed={self._installed})"
 
     # ------------------------------------------------------------------ installation
-    def _install(self) -> None:
-        targets = [self.target] if self.spec is None else [self.target, *self._pipeline_denoisers()]
-        for obj in targets:
-            if getattr(obj, _MARK, None) is not None:
-                raise RuntimeError(f"NAG is already applied to this {type(obj).__name__}; call .remove() on the "
-                                   "existing guide (or use guide.update(...)) before applying again")
-        denoisers = self._pipeline_denoisers() if self.spec is not None else [self.target]
+    def _plan(self) -> list[tuple[torch.nn.Module, Adapter]]:
+        """The denoisers to guide with their families; validates everything before anything is touched."""
+        denoisers = pipeline_denoisers(self.target, self.spec) if self.spec is not None else [self.target]
         plan = []
         for module in denoisers:
+            owner = getattr(module, _MARK, None)
+            if owner is not None and owner is not self:
+                raise RuntimeError(f"NAG is already applied to this {type(module).__name__}; call .remove() on the "
+                                   "existing guide (or use guide.update(...)) before applying again")
             adapter = adapter_for(module)
-            plan.append((module, adapter, nag_modules(module, adapter)))  # validates before touching anything
-        if self._negative_input is not None:
-            self._fixed = _check_negative_dict(self._negative_input, plan[0][1])
-        for module, adapter, attention in plan:
-            for attn in attention.values():
-                original = attn.processor
-                attn.set_processor(adapter.processors[type(original)](original, self.state))
-                self._processors.append((attn, original))
-            for block in module.modules():
-                forward = adapter.block_forwards.get(type(block))
-                if forward is not None:
-                    self._hooks.append((block, install_hook(block, NAGBlockHook(self.state, forward))))
-            self._hooks.append((module, install_hook(module, NAGDenoiserHook(self, adapter, module))))
-            self._denoisers.append((module, adapter))
-            setattr(module, _MARK, self)
+            nag_modules(module, adapter)  # raises when no supported text attention is found
+            plan.append((module, adapter))
+        return plan
+
+    def _install_denoiser(self, module: torch.nn.Module, adapter: Adapter) -> None:
+        entry = _Installed(module, adapter)
+        pipeline = type(self.target).__name__ if self.spec is not None else None
+        for block in module.modules():
+            forward = adapter.block_forwards.get(type(block))
+            if forward is not None:
+                entry.hooks.append((block, install_hook(block, NAGBlockHook(self.state, forward))))
+        hook = NAGDenoiserHook(self.state, adapter, nag_modules(module, adapter), pipeline)
+        entry.hooks.append((module, install_hook(module, hook)))
+        self._set(module, _MARK, self)
         if self.spec is not None:
-            self._wrap_pipeline()
-            setattr(self.target, _MARK, self)
+            self._set(module, "__deepcopy__", _CopyGuided(self, module))
+        self._denoisers.append(entry)
+
+    def _install(self) -> None:
+        if getattr(self.target, _MARK, None) is not None:
+            raise RuntimeError(f"NAG is already applied to this {type(self.target).__name__}; call .remove() on the "
+                               "existing guide (or use guide.update(...)) before applying again")
+        for module, adapter in self._plan():
+            self._install_denoiser(module, adapter)
+        if self.spec is not None:
+            if hasattr(self.target, "check_inputs"):
+                self._set(self.target, "check_inputs", PipelineMethod(self.target.check_inputs, self._start_call))
+            self._set(self.target, "encode_prompt", PipelineMethod(self.target.encode_prompt, self._encode))
+            if hasattr(self.target, "maybe_free_model_hooks"):
+                self._set(self.target, "maybe_free_model_hooks",
+                          PipelineMethod(self.target.maybe_free_model_hooks, self._end_call))
+        self._set(self.target, _MARK, self)
+        self._set(self.target, "__deepcopy__", _CopyGuided(self))
+        self._set(self.target, "__reduce_ex__", _RefusePickle(self.target))
         self._installed = True
 
-    def _pipeline_denoisers(self) -> list[torch.nn.Module]:
-        return pipeline_denoisers(self.target, self.spec)
+    def _uninstall(self) -> None:
+        for entry in reversed(self._denoisers):
+            for module, record in reversed(entry.hooks):
+                uninstall_hook(module, record)
+        for (_, name), record in reversed(list(self._wrapped.items())):
+            obj = record["object"]
+            if record["had"]:
+                obj.__dict__[name] = record["value"]
+            else:
+                obj.__dict__.pop(name, None)
+        self._denoisers, self._wrapped = [], {}
+        self._installed = False
 
-    def _wrap(self, name: str, make: Any) -> None:
-        pipe = self.target
-        original = getattr(pipe, name)
-        self._wrapped[name] = {"had": name in pipe.__dict__, "value": pipe.__dict__.get(name)}
-        wrapper = make(original)
-        wrapper.__wrapped__ = original  # keeps inspect.signature(...) of the pipeline method intact
-        wrapper.__doc__ = original.__doc__
-        setattr(pipe, name, wrapper)
+    def _set(self, obj: Any, name: str, value: Any) -> None:
+        """Set an instance attribute, remembering what was there for :meth:`_uninstall`."""
+        key = (id(obj), name)
+        if key not in self._wrapped:
+            self._wrapped[key] = {"object": obj, "had": name in obj.__dict__, "value": obj.__dict__.get(name)}
+        obj.__dict__[name] = value
 
-    def _wrap_pipeline(self) -> None:
-        """``check_inputs`` (first thing every pipeline call does) starts a call; ``encode_prompt`` gets the negative
-        encoded alongside the prompt."""
-
-        def check_inputs(original: Any) -> Any:
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                self._end_call()
-                return original(*args, **kwargs)
-
-            return wrapper
-
-        def encode_prompt(original: Any) -> Any:
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                out = original(*args, **kwargs)
-                self._begin_call(original, bind_arguments(original, args, kwargs), out)
-                return out
-
-            return wrapper
-
-        if hasattr(self.target, "check_inputs"):
-            self._wrap("check_inputs", check_inputs)
-        self._wrap("encode_prompt", encode_prompt)
-
-    # ------------------------------------------------------------------ per call
-    def _begin_call(self, encode: Any, arguments: dict[str, Any], out: tuple) -> None:
-        if self._call is not None and not self._call_started:
-            return  # a second encode in the same call, before denoising: the pipeline's CFG negative (Flux true CFG)
-        self._call_started = False
-        spec = self.spec
-        positive = out[spec.embeds_index]
-        rows = positive.shape[0]
-        if self.state.config.is_off:
-            self._call = None
+    def _follow_denoisers(self) -> None:
+        """A pipeline's denoiser was replaced (``pipe.unet = other``): move NAG to the new one."""
+        current = pipeline_denoisers(self.target, self.spec)
+        if [d.module for d in self._denoisers] == current:
             return
-        if self._fixed is not None:
-            self._call = _Negative(embeds=self._fixed.embeds, mask=self._fixed.mask, positive=positive,
-                                   extras=self._fixed.extras)
-            return
-        per_prompt = int(arguments.get(spec.count_arg) or 1)
-        prompts = rows // per_prompt
-        text = self._negative_prompt
-        if text is None:  # official default: the call's CFG negative prompt, else ""
-            text = arguments.get("negative_prompt") or ""
-        if isinstance(text, str):
-            negatives = [text] * prompts
-        else:
-            negatives = list(text)
-            if len(negatives) != prompts:
-                raise ValueError(f"negative_prompt has {len(negatives)} entries but the call has {prompts} prompts; "
-                                 "give one string (used for every prompt) or exactly one per prompt")
-        neg = encode(**negative_arguments(arguments, negatives, spec, self.negative_max_length))
-        mask = neg[spec.mask_index] if spec.mask_index is not None else None
-        extras = {"pooled_projections": neg[spec.pooled_index]} if spec.pooled_index is not None else {}
-        self._call = _Negative(embeds=neg[spec.embeds_index], mask=mask, positive=positive, extras=extras)
+        self._uninstall()
+        self._install()
 
-    def _end_call(self) -> None:
-        self._call = None
-        self._call_started = False
-
-    def _current_negative(self) -> _Negative | None:
+    # ------------------------------------------------------------------ per pipeline call
+    def _start_call(self, original: Any, args: tuple, kwargs: dict) -> Any:
+        """``check_inputs``: a pipeline call begins (no stale negative survives a call that failed earlier)."""
+        self.state.end_call()
         if self.spec is not None:
-            if self._call is None and not self.state.config.is_off:
-                raise RuntimeError(f"NAG was applied to {type(self.target).__name__}, which encodes the negative "
-                                   "once per pipeline call; to call the denoiser directly, apply NAG to the denoiser "
-                                   "with negative={...}")
-            return self._call
-        return self._fixed
+            self._follow_denoisers()
+            arguments = bind_arguments(original, args, kwargs)
+            self.state.call_arguments = {k: v for k, v in arguments.items() if k.startswith("negative_")}
+        return original(*args, **kwargs)
 
-    def _plan(self, adapter: Adapter, access: ArgAccess, args: tuple, kwargs: dict, module: torch.nn.Module,
-              named: bool = False) -> tuple[tuple, dict, Packing] | None:
-        """Guided-call inputs (packed text, mask) and layout, or None for a plain call.
+    def _end_call(self, original: Any, args: tuple, kwargs: dict) -> Any:
+        """``maybe_free_model_hooks``, the last thing every pipeline call does: the call's negative is gone, so a
+        later call of the shared denoiser from elsewhere (``from_pipe``) is refused instead of using it."""
+        self.state.end_call()
+        return original(*args, **kwargs)
 
-        ``named``: the pipeline named this call through ``cache_context`` (then "uncond" calls never get here);
-        otherwise a pipeline call whose text is not the prompt's is its separate unconditional call.
-        """
-        config = self.state.config
-        if config.is_off:
-            return None
-        text = access.get(adapter.text_arg, args, kwargs)
-        if not isinstance(text, torch.Tensor):
-            return None
-        negative = self._current_negative()
-        if negative is None:
-            return None
-        if (config.start, config.end) != (0.0, 1.0):
-            t = access.get(adapter.timestep_arg, args, kwargs)
-            if t is not None and not _in_window(config, t, adapter):
-                return None
-
-        batch, r = text.shape[0], negative.embeds.shape[0]
-        embeds, mask = negative.embeds, negative.mask
-        if embeds.shape[-1] != text.shape[-1]:
-            raise ValueError(f"negative embeddings have {embeds.shape[-1]} channels, the prompt's have "
-                             f"{text.shape[-1]}")
-        if batch == r:
-            rows = slice(0, batch)
-            if not named and negative.positive is not None and not _same(text, negative.positive):
-                return None  # a separate unconditional call (e.g. Kontext/Chroma true CFG), never guided
-        elif r == 1 and self.spec is None:
-            rows = slice(0, batch)
-            embeds = embeds.expand(batch, -1, -1)
-            mask = mask.expand(batch, -1) if mask is not None else None
-        elif batch == 2 * r:
-            rows = _conditional_half(text, negative.positive, r)
-        else:
-            raise ValueError(f"the negative has {r} rows but the denoiser was called with batch {batch}; expected "
-                             f"{r} (guide all rows) or {2 * r} (batched CFG: guide the conditional half)")
-        embeds = embeds.to(device=text.device, dtype=text.dtype)
-        ln = embeds.shape[1]
-        if rows.stop - rows.start != batch:
-            pad = [text.new_zeros(rows.start, ln, text.shape[-1]), embeds,
-                   text.new_zeros(batch - rows.stop, ln, text.shape[-1])]
-            embeds = torch.cat(pad, dim=0)
-        args, kwargs = access.set(adapter.text_arg, torch.cat([text, embeds], dim=1), args, kwargs)
-
-        if adapter.mask_arg is not None:
-            pos_mask = access.get(adapter.mask_arg, args, kwargs)
-            if pos_mask is not None or mask is not None:
-                like = pos_mask if pos_mask is not None else text
-                dtype = pos_mask.dtype if pos_mask is not None else torch.long
-                if pos_mask is None:
-                    length = text.shape[1]
-                    if adapter.joint_mask:  # [text | image]: the image length is that of the image tokens
-                        length += access.get("hidden_states", args, kwargs).shape[1]
-                    pos_mask = torch.ones(batch, length, device=text.device, dtype=dtype)
-                neg_mask = torch.ones(batch, ln, device=like.device, dtype=dtype)
-                if mask is not None:
-                    neg_mask = neg_mask.clone()
-                    neg_mask[rows] = mask.to(device=like.device, dtype=dtype)
-                lp = text.shape[1]
-                packed = [pos_mask[:, :lp], neg_mask, pos_mask[:, lp:]] if adapter.joint_mask else [pos_mask, neg_mask]
-                args, kwargs = access.set(adapter.mask_arg, torch.cat(packed, dim=1), args, kwargs)
-        packing = Packing(lp=text.shape[1], ln=ln, rows=rows, batch=batch)
-        if adapter.prepare is not None:
-            extras = negative.extras
-            if r == 1 and batch > 1 and self.spec is None:
-                extras = {k: v.expand(batch, *v.shape[1:]) for k, v in extras.items()}
-            args, kwargs = adapter.prepare(module, access, args, kwargs, extras, packing, self.state)
-        return args, kwargs, packing
+    def _encode(self, original: Any, args: tuple, kwargs: dict) -> Any:
+        """``encode_prompt``: encode the prompt, then the NAG negative with the same settings."""
+        out = original(*args, **kwargs)
+        state = self.state
+        if state.negative is not None and not state.call_started:
+            return out  # a second encode in the same call, before denoising: the pipeline's CFG negative (FLUX)
+        state.call_started = False
+        if state.config.is_off:
+            state.negative = None
+            return out
+        arguments = bind_arguments(original, args, kwargs)
+        state.negative = encode_negative(self.target, self.spec, state, original, arguments, out,
+                                         self._negative_prompt, self.negative_max_length)
+        return out
 
     def _require_installed(self) -> None:
         if not self._installed:
             raise RuntimeError("this guide was removed; call nagkit.apply(...) again")
 
 
-def pipeline_denoisers(pipe: Any, spec: PipelineSpec) -> list[torch.nn.Module]:
-    """The denoisers of ``pipe`` that NAG guides (e.g. both Wan 2.2 experts)."""
-    found = [m for m in (getattr(pipe, name, None) for name in spec.denoisers) if m is not None]
-    if not found:
-        raise TypeError(f"{type(pipe).__name__} has no denoiser ({', '.join(spec.denoisers)})")
-    return found
-
-
-def _mode_norm(mode: str, adapter: Adapter) -> str:
-    return adapter.official_norm if mode == "official" else "l1"
-
-
-def _check_negative_prompt(negative_prompt: NegativePrompt) -> None:
-    if negative_prompt is None or isinstance(negative_prompt, str):
-        return
-    if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(p, str) for p in negative_prompt):
-        raise TypeError("negative_prompt must be a string or a list of strings (one per prompt)")
-    if len(negative_prompt) == 0:
-        raise ValueError("negative_prompt must not be an empty list")
+def _check_can_encode(pipe: Any, spec: PipelineSpec, negative_prompt: NegativePrompt) -> None:
+    missing = missing_encoders(pipe, spec)
+    if missing and negative_prompt is not None:
+        raise ValueError(f"negative_prompt={negative_prompt!r} needs {type(pipe).__name__}'s text encoders, but it "
+                         f"has no {', '.join(missing)}: give the negative in embedding form, "
+                         "nagkit.apply(pipe, negative_prompt_embeds=...)")
 
 
 def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict[str, Any] | None = None,
+          negative_prompt_embeds: torch.Tensor | None = None,
+          negative_prompt_attention_mask: torch.Tensor | None = None,
+          negative_pooled_prompt_embeds: torch.Tensor | None = None,
           scale: float | None = None, tau: float | None = None, alpha: float | None = None,
           start: float | None = None, end: float | None = None, norm: str | None = None,
           mode: str | None = None, preset: str | None = None, negative_max_length: int | None = None) -> Guide:
@@ -404,11 +371,17 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
         target: a supported pipeline (``StableDiffusionXLPipeline``, ``WanPipeline``…) or a bare denoiser
             (``UNet2DConditionModel``, ``WanTransformer3DModel``…) for custom sampling loops.
         negative_prompt: pipelines only. The NAG negative prompt: one string for every prompt, or a list with one
-            negative per prompt. Default: the call's CFG ``negative_prompt`` if any, else ``""`` (official behaviour).
-            Encoded by the pipeline's own ``encode_prompt`` with the call's settings.
+            negative per prompt. Default: the call's CFG ``negative_prompt`` (or its ``negative_prompt_embeds``) if
+            any, else ``""`` (official behaviour). Encoded by the pipeline's own ``encode_prompt`` with the call's
+            settings.
         negative: precomputed negative instead of text: the negative's counterparts of the denoiser's forward
             arguments under the same names, e.g. ``{"encoder_hidden_states": emb}`` plus ``"encoder_attention_mask"``
             where the family has one. Batch 1 (used for every row) or one row per prompt. Required for a denoiser.
+        negative_prompt_embeds: pipelines only: the negative in the pipeline's embedding form (what its
+            ``encode_prompt`` returns as prompt embeddings), e.g. for a pipeline built without text encoders. One row
+            (every prompt) or one per prompt; repeated for ``num_images_per_prompt``.
+        negative_prompt_attention_mask: its padding mask (PixArt, Sana, Chroma).
+        negative_pooled_prompt_embeds: its pooled embedding (FLUX: the negative branch's modulation, official).
         scale: ``nag_scale`` (= paper φ + 1; ≤ 1 is off). Default: the family preset.
         tau: norm cap τ > 0. Default: the family preset.
         alpha: blend 0 ≤ α ≤ 1. Default: the family preset.
@@ -424,19 +397,28 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
     Returns:
         A :class:`Guide`: ``update(...)``, ``remove()``, usable as a context manager.
 
+    Raises:
+        TypeError: for an unsupported pipeline or denoiser (naming its class and the supported ones).
+        ValueError: for out-of-range settings (naming the parameter and its range) or a negative the target cannot
+            use (e.g. a string negative for a pipeline without text encoders).
+
     Example:
         >>> guide = nagkit.apply(pipe, negative_prompt="blurry, low quality", scale=5.0, tau=2.5, alpha=0.25)
         >>> image = pipe("a corgi", num_inference_steps=4, guidance_scale=0.0).images[0]
         >>> guide.remove()
     """
     _check_negative_prompt(negative_prompt)
-    if negative_prompt is not None and negative is not None:
-        raise ValueError("give either negative_prompt or negative, not both")
-    pipeline = is_pipeline(target)
-    if pipeline:
+    given = [x is not None for x in (negative_prompt, negative, negative_prompt_embeds)]
+    if sum(given) > 1:
+        raise ValueError("give one of negative_prompt, negative, negative_prompt_embeds")
+    fixed = None
+    if is_pipeline(target):
         spec = pipeline_spec(target)
         default_preset = spec.preset
         family = adapter_for(pipeline_denoisers(target, spec)[0])
+        _check_can_encode(target, spec, negative_prompt)
+        fixed = _check_pipeline_embeddings(target, spec, negative_prompt_embeds, negative_prompt_attention_mask,
+                                           negative_pooled_prompt_embeds)
     else:
         if not isinstance(target, torch.nn.Module):
             raise TypeError(f"nagkit.apply takes a diffusers pipeline or denoiser, got {type(target).__name__}; "
@@ -444,12 +426,14 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
                             f"{', '.join(supported_models())}")
         family = adapter_for(target)
         default_preset = family.preset
-        if negative_prompt is not None:
-            raise ValueError(f"negative_prompt needs a pipeline to encode it; for a bare {type(target).__name__} "
-                             "pass negative={'encoder_hidden_states': ...}")
+        if negative_prompt is not None or negative_prompt_embeds is not None:
+            raise ValueError(f"negative_prompt needs a pipeline to encode it (negative_prompt_embeds too); for a bare "
+                             f"{type(target).__name__} pass negative={{'encoder_hidden_states': ...}}")
         if negative is None:
             raise ValueError(f"a bare {type(target).__name__} needs negative={{...}} (the negative's "
                              "encoder_hidden_states, and mask where the family has one)")
+    if negative is not None:
+        fixed = _check_negative_dict(negative, family)
     base = get_preset(preset or default_preset)
     if mode is not None and norm is None:
         norm = _mode_norm(mode, family)
@@ -457,6 +441,6 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
     if negative_max_length is not None and (isinstance(negative_max_length, bool) or
                                             not isinstance(negative_max_length, int) or negative_max_length < 1):
         raise ValueError(f"negative_max_length must be a positive int, got {negative_max_length!r}")
-    guide = Guide(target, config, negative_prompt, negative, negative_max_length)
+    guide = Guide(target, config, negative_prompt, fixed, negative_max_length)
     guide._install()
     return guide

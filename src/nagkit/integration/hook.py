@@ -1,5 +1,11 @@
-"""The denoiser hook: decides per call whether NAG is on, packs the negative text after the positive one, and marks
-the layout for the NAG attention processors for the duration of the call.
+"""The denoiser hook: per call, decide whether NAG is on, pack the negative text after the positive one, and put NAG
+processors over the guided attention modules' *current* processors for the duration of that forward only.
+
+Between calls the model carries exactly its own processors, so every diffusers API that reads or replaces processors
+(``set_default_attn_processor``, ``fuse_qkv_projections``, ``set_attn_processor``, attention slicing, IP-Adapter
+loading, ``set_attention_backend``) works as without nagkit, and whatever processor a guided module has at call time
+is the one NAG wraps — or, when NAG cannot split it, the call fails with an error naming the module and the processor
+class before anything is packed.
 
 It is a diffusers ``ModelHook`` (stateful, so pipelines' ``cache_context("cond"/"uncond")`` reaches it), installed
 with diffusers' ``HookRegistry`` and removed without a trace (see :func:`install_hook` / :func:`uninstall_hook`).
@@ -14,9 +20,10 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from ..core.state import NAGState, Negative, Packing
+
 if TYPE_CHECKING:
     from ..adapters.base import Adapter
-    from .guide import Guide
 
 HOOK_NAME = "nagkit"
 UNCOND_CONTEXTS = frozenset({"uncond", "pred_uncond"})
@@ -49,29 +56,226 @@ class ArgAccess:
         return args, kwargs
 
 
+# ---------------------------------------------------------------------------------------------------- planning
+def _timestep_value(t: Any) -> float:
+    if isinstance(t, torch.Tensor):
+        return float(t.detach().float().max())
+    return float(t)
+
+
+@torch.compiler.disable
+def _in_window(adapter: Adapter, state: NAGState, t: Any) -> bool:
+    return adapter.in_window(state.config, _timestep_value(t))
+
+
+@torch.compiler.disable
+def _same(text: torch.Tensor, positive: torch.Tensor) -> bool:
+    return text.shape == positive.shape and torch.equal(text, positive.to(device=text.device, dtype=text.dtype))
+
+
+@torch.compiler.disable
+def _conditional_half(text: torch.Tensor, positive: torch.Tensor | None, rows: int) -> slice:
+    """Rows of a batched-CFG call that hold the prompt: the half equal to the prompt embeddings.
+
+    diffusers' classic pipelines stack ``[unconditional, conditional]``; that order is the fallback when both or
+    neither half match (e.g. a CFG negative equal to the prompt).
+    """
+    if positive is not None:
+        pos = positive.to(device=text.device, dtype=text.dtype)
+        first, second = torch.equal(text[:rows], pos), torch.equal(text[rows:], pos)
+        if first and not second:
+            return slice(0, rows)
+    return slice(rows, 2 * rows)
+
+
+def _current_negative(state: NAGState, pipeline: str | None) -> Negative | None:
+    if pipeline is None:
+        return state.fixed
+    if state.negative is None:
+        raise RuntimeError(f"NAG was applied to a {pipeline}, which encodes the negative once per pipeline call, but "
+                           "this denoiser call came without one (a direct call, or another pipeline sharing this "
+                           "denoiser, e.g. built with from_pipe): call it through that pipeline, or remove that guide "
+                           "and apply NAG to the denoiser (or the other pipeline) itself")
+    return state.negative
+
+
+def plan_call(adapter: Adapter, state: NAGState, access: ArgAccess, args: tuple, kwargs: dict,
+              module: torch.nn.Module, pipeline: str | None, named: bool = False
+              ) -> tuple[tuple, dict, Packing] | None:
+    """Guided-call inputs (packed text and what goes with it) and layout, or None for a plain call.
+
+    Args:
+        adapter: the model family.
+        state: the guide's state (settings, the negative).
+        access: reads/writes the forward's arguments.
+        args, kwargs: the call's arguments.
+        module: the denoiser.
+        pipeline: class name of the guided pipeline, or None for a bare denoiser.
+        named: the pipeline named this call through ``cache_context`` (then "uncond" calls never get here);
+            otherwise a pipeline call whose text is not the prompt's is its separate unconditional call.
+
+    Returns:
+        ``(args, kwargs, packing)`` for a guided call, else None.
+    """
+    config = state.config
+    if config.is_off:
+        return None
+    text = access.get(adapter.text_arg, args, kwargs)
+    if not isinstance(text, torch.Tensor):
+        return None
+    negative = _current_negative(state, pipeline)
+    if negative is None:
+        return None
+    if (config.start, config.end) != (0.0, 1.0):
+        t = access.get(adapter.timestep_arg, args, kwargs)
+        if t is not None and not _in_window(adapter, state, t):
+            return None
+
+    batch, r = text.shape[0], negative.embeds.shape[0]
+    embeds, mask, extras = negative.embeds, negative.mask, negative.extras
+    if embeds.shape[-1] != text.shape[-1]:
+        raise ValueError(f"negative embeddings have {embeds.shape[-1]} channels, the prompt's have {text.shape[-1]}")
+    if batch == r:
+        rows = slice(0, batch)
+        if pipeline is not None and not named and negative.positive is not None and not _same(text, negative.positive):
+            return None  # a separate unconditional call (e.g. Kontext/Chroma true CFG), never guided
+    elif r == 1 and pipeline is None:
+        rows = slice(0, batch)
+        embeds = embeds.expand(batch, -1, -1)
+        mask = mask.expand(batch, -1) if mask is not None else None
+        extras = {k: v.expand(batch, *v.shape[1:]) for k, v in extras.items()}
+    elif batch == 2 * r:
+        rows = _conditional_half(text, negative.positive, r)
+    else:
+        raise ValueError(f"the negative has {r} rows but the denoiser was called with batch {batch}; expected "
+                         f"{r} (guide all rows) or {2 * r} (batched CFG: guide the conditional half)")
+    embeds = embeds.to(device=text.device, dtype=text.dtype)
+    ln = embeds.shape[1]
+    if rows.stop - rows.start != batch:
+        pad = [text.new_zeros(rows.start, ln, text.shape[-1]), embeds,
+               text.new_zeros(batch - rows.stop, ln, text.shape[-1])]
+        embeds = torch.cat(pad, dim=0)
+    packing = Packing(lp=text.shape[1], ln=ln, rows=rows, batch=batch)
+    args, kwargs = access.set(adapter.text_arg, torch.cat([text, embeds], dim=1), args, kwargs)
+    args, kwargs = adapter.pack_mask(access, args, kwargs, mask, packing)
+    if adapter.prepare is not None:
+        args, kwargs = adapter.prepare(module, access, args, kwargs, extras, packing, state)
+    return args, kwargs, packing
+
+
+def pack_text_mask(mask_arg: str | None, access: ArgAccess, args: tuple, kwargs: dict,
+                   mask: torch.Tensor | None, packing: Packing) -> tuple[tuple, dict]:
+    """The default mask packing: a ``(B, L)`` text padding mask under ``mask_arg`` becomes ``[positive | negative]``
+    (the negative's own mask on the guided rows, ones elsewhere). Families without a text mask pass
+    ``mask_arg=None``: nothing to do."""
+    if mask_arg is None:
+        return args, kwargs
+    pos_mask = access.get(mask_arg, args, kwargs)
+    if pos_mask is None and mask is None:
+        return args, kwargs
+    batch, lp, ln = packing.batch, packing.lp, packing.ln
+    like = pos_mask if pos_mask is not None else mask
+    dtype = pos_mask.dtype if pos_mask is not None else torch.long
+    if pos_mask is None:
+        pos_mask = torch.ones(batch, lp, device=like.device, dtype=dtype)
+    neg_mask = torch.ones(batch, ln, device=like.device, dtype=dtype)
+    if mask is not None:
+        neg_mask[packing.rows] = mask.to(device=like.device, dtype=dtype)
+    return access.set(mask_arg, torch.cat([pos_mask, neg_mask], dim=1), args, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- processors
+class ProcessorSwap:
+    """Puts NAG processors over the guided modules' current processors for one forward, and back afterwards.
+
+    The NAG processor for a given (module, original processor) pair is built once and reused, so ``torch.compile``
+    sees the same objects on every guided call.
+    """
+
+    def __init__(self, adapter: Adapter, modules: dict[str, torch.nn.Module], state: NAGState) -> None:
+        self.adapter = adapter
+        self.modules = modules
+        self.state = state
+        self._wrappers: dict[str, tuple[Any, Any]] = {}
+
+    def wrapper(self, name: str, module: torch.nn.Module) -> Any:
+        """The NAG processor over ``module``'s current processor; raise when NAG cannot split that processor."""
+        inner = module.processor
+        cached = self._wrappers.get(name)
+        if cached is not None and cached[0] is inner:
+            return cached[1]
+        nag_class = self.adapter.processor_for(inner)
+        if nag_class is None:
+            supported = ", ".join(sorted(c.__name__ for c in self.adapter.processors))
+            raise NotImplementedError(
+                f"{type(module).__name__} '{name}' of {self.adapter.model_class.__name__} now uses "
+                f"{type(inner).__name__}, which NAG cannot guide (it would attend to the prompt and the NAG negative "
+                f"together); supported processors: {supported}. Restore a supported processor or remove NAG")
+        wrapper = nag_class(inner, self.state)
+        self._wrappers[name] = (inner, wrapper)
+        return wrapper
+
+    def check(self) -> None:
+        """Raise now if any guided module carries a processor NAG cannot guide."""
+        for name, module in self.modules.items():
+            self.wrapper(name, module)
+
+    def install(self) -> list[tuple[torch.nn.Module, bool, Any]]:
+        wrappers = [(module, self.wrapper(name, module)) for name, module in self.modules.items()]
+        undo = []
+        for module, wrapper in wrappers:
+            in_dict = "processor" in module.__dict__
+            undo.append((module, in_dict, module.__dict__.get("processor")))
+            if in_dict:
+                module.processor = wrapper
+            else:  # an nn.Module processor (IP-Adapter) lives in _modules: shadow it for this forward only
+                module.__dict__["processor"] = wrapper
+        return undo
+
+    @staticmethod
+    def restore(undo: list[tuple[torch.nn.Module, bool, Any]]) -> None:
+        for module, in_dict, original in reversed(undo):
+            if in_dict:
+                module.processor = original
+            else:
+                module.__dict__.pop("processor", None)
+
+
+# ---------------------------------------------------------------------------------------------------- hooks
 class NAGDenoiserHook(ModelHook):
-    """Packs ``[positive | negative]`` text on guided calls; a pure pass-through otherwise."""
+    """Packs ``[positive | negative]`` text and swaps NAG processors in on guided calls; a pure pass-through
+    otherwise."""
 
     _is_stateful = True
 
-    def __init__(self, guide: Guide, adapter: Adapter, module: torch.nn.Module) -> None:
+    def __init__(self, state: NAGState, adapter: Adapter, modules: dict[str, torch.nn.Module],
+                 pipeline: str | None) -> None:
         super().__init__()
-        self.guide = guide
+        self.state = state
         self.adapter = adapter
-        self.access = ArgAccess(type(module).forward)
+        self.pipeline = pipeline
+        self.swap = ProcessorSwap(adapter, modules, state)
+        self.access: ArgAccess | None = None
         self.cache_context = StateManager(_NoState)  # receives the pipeline's CacheContext
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.access = ArgAccess(type(module).forward)
+        return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         context = self.cache_context._context
         name = context.name if context is not None else None
-        self.guide._call_started = True
-        plan = None if name in UNCOND_CONTEXTS else self.guide._plan(self.adapter, self.access, args, kwargs, module,
-                                                                     named=name is not None)
-        state = self.guide.state
+        state = self.state
+        state.call_started = True
+        plan = None
+        if name not in UNCOND_CONTEXTS:
+            plan = plan_call(self.adapter, state, self.access, args, kwargs, module, self.pipeline,
+                             named=name is not None)
         if plan is None:
             state.calls["unguided"] += 1
             return self.fn_ref.original_forward(*args, **kwargs)
         args, kwargs, packing = plan
+        undo = self.swap.install()
         state.calls["guided"] += 1
         state.packing = state.last_packing = packing
         try:
@@ -79,17 +283,19 @@ class NAGDenoiserHook(ModelHook):
         finally:
             state.packing = None
             state.extras.clear()
+            self.swap.restore(undo)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         # Called by the pipeline at the end of every call (``maybe_free_model_hooks``).
-        self.guide._end_call()
+        if self.pipeline is not None:
+            self.state.end_call()
         return module
 
 
 class NAGBlockHook(ModelHook):
-    """Runs an adapter's guided version of a block's forward while a guided call is in flight."""
+    """Runs a family's guided version of a block's forward while a guided call is in flight."""
 
-    def __init__(self, state: Any, forward: Any) -> None:
+    def __init__(self, state: NAGState, forward: Any) -> None:
         super().__init__()
         self.state = state
         self.forward = forward
@@ -104,7 +310,7 @@ def _accelerate_hook(module: torch.nn.Module) -> Any:
     return getattr(module, "_hf_hook", None)
 
 
-def install_hook(module: torch.nn.Module, hook: NAGDenoiserHook) -> dict[str, Any]:
+def install_hook(module: torch.nn.Module, hook: ModelHook) -> dict[str, Any]:
     """Register ``hook`` on ``module``; returns what :func:`uninstall_hook` needs to restore the module exactly.
 
     An accelerate offload hook (``enable_model_cpu_offload``) is taken off and put back on top, so NAG sits *inside*
@@ -135,7 +341,7 @@ def uninstall_hook(module: torch.nn.Module, record: dict[str, Any]) -> None:
     if offload is not None:
         remove_hook_from_module(module)
     registry = getattr(module, "_diffusers_hook", None)
-    if registry is not None:
+    if registry is not None and HOOK_NAME in registry.hooks:
         registry.remove_hook(HOOK_NAME, recurse=False)
         if not registry.hooks:  # ours was the only hook: put ``forward`` back exactly as it was
             if record["had_forward"]:

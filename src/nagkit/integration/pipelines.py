@@ -1,10 +1,14 @@
-"""Which diffusers pipelines nagkit drives, and how the NAG negative is encoded with the pipeline's own
-``encode_prompt``.
+"""Which diffusers pipelines nagkit drives, and how the NAG negative of a pipeline call is made.
 
 The NAG negative is encoded by calling the pipeline's ``encode_prompt`` once more with the *same arguments as the
 call* (device, ``num_images_per_prompt``, ``max_sequence_length``, ``clip_skip``, ``lora_scale``…), except that the
 prompt is the NAG negative and everything about CFG is switched off. So the negative sees exactly the encoder settings
-the prompt saw.
+the prompt saw. A pipeline without its text encoders (``text_encoder=None``, prompts passed as embeddings) takes the
+negative in embedding form: from ``nagkit.apply(pipe, negative_prompt_embeds=...)``, else the call's own CFG
+``negative_prompt_embeds``.
+
+Two pipeline methods are wrapped (instance attributes, removed by ``Guide.remove``): ``check_inputs``, the first thing
+every pipeline call does, starts a call; ``encode_prompt`` makes the negative right after the prompt's.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..core.state import NAGState, Negative
+
 
 @dataclass(frozen=True)
 class PipelineSpec:
@@ -24,36 +30,46 @@ class PipelineSpec:
         denoisers: attribute names of the denoisers to guide (those that exist and are not None).
         embeds_index: position of the positive text embeddings in ``encode_prompt``'s return tuple.
         mask_index: position of the positive text mask, or None.
-        pooled_index: position of the pooled text embedding the negative branch uses, or None (then the negative
-            branch keeps the prompt's pooled embedding, as in the official SD3/SDXL pipelines).
+        extras: denoiser argument -> position in ``encode_prompt``'s return tuple of further inputs the negative
+            branch takes from the negative's encoding (FLUX: ``{"pooled_projections": 1}``, the negative's pooled
+            embedding, as the official code). Others keep the prompt's (SD3/SDXL pooled embeddings, official).
         count_arg: the ``num_*_per_prompt`` argument name.
         overrides: extra ``encode_prompt`` arguments for the negative (how the pipeline encodes its CFG negative).
         preset: default preset.
+        encoders: text encoder attributes that ``encode_prompt`` needs to encode a string.
+        embeds_args: negative field -> name of the call's own argument carrying it in embedding form
+            (``"embeds"``, ``"mask"`` and the ``extras`` keys).
     """
 
     denoisers: tuple[str, ...]
     embeds_index: int = 0
     mask_index: int | None = None
-    pooled_index: int | None = None
+    extras: dict[str, int] = field(default_factory=dict)
     count_arg: str = "num_images_per_prompt"
     overrides: dict[str, Any] = field(default_factory=dict)
     preset: str = ""
+    encoders: tuple[str, ...] = ("text_encoder",)
+    embeds_args: dict[str, str] = field(default_factory=lambda: {"embeds": "negative_prompt_embeds"})
 
 
+_MASKED_ARGS = {"embeds": "negative_prompt_embeds", "mask": "negative_prompt_attention_mask"}
 _SD = PipelineSpec(denoisers=("unet",), preset="sd15")
-_SDXL = PipelineSpec(denoisers=("unet",), preset="sdxl")
+_SDXL = PipelineSpec(denoisers=("unet",), preset="sdxl", encoders=("text_encoder_2",))
 _WAN = PipelineSpec(denoisers=("transformer", "transformer_2"), count_arg="num_videos_per_prompt", preset="wan")
-_PIXART = PipelineSpec(denoisers=("transformer",), mask_index=1, preset="pixart")
+_PIXART = PipelineSpec(denoisers=("transformer",), mask_index=1, preset="pixart", embeds_args=_MASKED_ARGS)
 # Sana encodes its CFG negative without the complex human instruction; so does the NAG negative.
 _SANA = PipelineSpec(denoisers=("transformer",), mask_index=1, overrides={"complex_human_instruction": False},
-                     preset="sana")
+                     preset="sana", embeds_args=_MASKED_ARGS)
 
-_SD3 = PipelineSpec(denoisers=("transformer",), preset="sd3")
+_SD3 = PipelineSpec(denoisers=("transformer",), preset="sd3", encoders=("text_encoder", "text_encoder_2"))
 # Flux returns (prompt_embeds, pooled, text_ids); the negative branch uses the negative's pooled embedding (official).
-_FLUX = PipelineSpec(denoisers=("transformer",), pooled_index=1, preset="flux")
-_KONTEXT = PipelineSpec(denoisers=("transformer",), pooled_index=1, preset="flux-kontext")
+_FLUX_ARGS = {"embeds": "negative_prompt_embeds", "pooled_projections": "negative_pooled_prompt_embeds"}
+_FLUX = PipelineSpec(denoisers=("transformer",), extras={"pooled_projections": 1}, preset="flux",
+                     encoders=("text_encoder", "text_encoder_2"), embeds_args=_FLUX_ARGS)
+_KONTEXT = PipelineSpec(denoisers=("transformer",), extras={"pooled_projections": 1}, preset="flux-kontext",
+                        encoders=("text_encoder", "text_encoder_2"), embeds_args=_FLUX_ARGS)
 # Chroma returns (prompt_embeds, text_ids, prompt_mask, negative...); the mask keeps Chroma's own rule.
-_CHROMA = PipelineSpec(denoisers=("transformer",), mask_index=2, preset="chroma")
+_CHROMA = PipelineSpec(denoisers=("transformer",), mask_index=2, preset="chroma", embeds_args=_MASKED_ARGS)
 
 PIPELINES: dict[str, PipelineSpec] = {
     "StableDiffusion3Pipeline": _SD3,
@@ -82,6 +98,19 @@ def pipeline_spec(pipe: object) -> PipelineSpec:
 def is_pipeline(obj: object) -> bool:
     """Duck-typed check for a diffusers pipeline."""
     return hasattr(obj, "components") and hasattr(obj, "encode_prompt") and not isinstance(obj, torch.nn.Module)
+
+
+def pipeline_denoisers(pipe: Any, spec: PipelineSpec) -> list[torch.nn.Module]:
+    """The denoisers of ``pipe`` that NAG guides (e.g. both Wan 2.2 experts)."""
+    found = [m for m in (getattr(pipe, name, None) for name in spec.denoisers) if m is not None]
+    if not found:
+        raise TypeError(f"{type(pipe).__name__} has no denoiser ({', '.join(spec.denoisers)})")
+    return found
+
+
+def missing_encoders(pipe: Any, spec: PipelineSpec) -> list[str]:
+    """The text encoders ``encode_prompt`` needs to encode a string that ``pipe`` does not have."""
+    return [name for name in spec.encoders if getattr(pipe, name, None) is None]
 
 
 _PROMPT_ONLY = ("prompt_2", "prompt_3", "prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
@@ -119,3 +148,99 @@ def bind_arguments(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, An
         elif param.kind is inspect.Parameter.VAR_POSITIONAL:
             out.pop(name, None)
     return out
+
+
+def _rows(x: torch.Tensor | None, rows: int, name: str) -> torch.Tensor | None:
+    """``x`` with ``rows`` rows: as is, or each row repeated (one negative per prompt, ``num_*_per_prompt`` > 1)."""
+    if x is None or x.shape[0] == rows:
+        return x
+    if rows % x.shape[0] != 0:
+        raise ValueError(f"{name} has {x.shape[0]} rows, which does not divide the call's {rows} prompt rows; give "
+                         "one row (used for every prompt) or one per prompt")
+    return x.repeat_interleave(rows // x.shape[0], dim=0)
+
+
+def negative_from_embeddings(fields: dict[str, torch.Tensor | None], positive: torch.Tensor,
+                             names: dict[str, str]) -> Negative:
+    """A :class:`Negative` for a call whose prompt embeddings are ``positive`` from embedding-form fields."""
+    rows = positive.shape[0]
+    extras = {k: _rows(v, rows, names.get(k, k)) for k, v in fields.items()
+              if k not in ("embeds", "mask") and v is not None}
+    return Negative(embeds=_rows(fields["embeds"], rows, names["embeds"]),
+                    mask=_rows(fields.get("mask"), rows, names.get("mask", "mask")), positive=positive,
+                    extras=extras)
+
+
+def encode_negative(pipe: Any, spec: PipelineSpec, state: NAGState, encode: Any, arguments: dict[str, Any],
+                    out: tuple, negative_prompt: str | list[str] | None, max_length: int | None) -> Negative:
+    """The NAG negative of the pipeline call whose ``encode_prompt`` just returned ``out``.
+
+    Args:
+        pipe: the pipeline.
+        spec: its spec.
+        state: the guide's state (``fixed``: the negative given in embedding form; ``call_arguments``).
+        encode: the pipeline's original ``encode_prompt``.
+        arguments: the call's ``encode_prompt`` arguments by name.
+        out: what it returned for the prompt.
+        negative_prompt: the guide's NAG negative prompt, or None for the default (the call's CFG negative, else "").
+        max_length: optional shorter ``max_sequence_length`` for the negative.
+
+    Returns:
+        The negative, with as many rows as the prompt embeddings.
+
+    Raises:
+        ValueError: when a string negative would have to be encoded by a pipeline without its text encoders, or
+            when the number of negatives does not match the prompts.
+    """
+    positive = out[spec.embeds_index]
+    rows = positive.shape[0]
+    if state.fixed is not None:
+        names = {"embeds": "negative_prompt_embeds", "mask": "negative_prompt_attention_mask"}
+        fields = {"embeds": state.fixed.embeds, "mask": state.fixed.mask, **state.fixed.extras}
+        return negative_from_embeddings(fields, positive, names)
+    text = negative_prompt
+    if text is None:  # official default: the call's CFG negative prompt, else ""
+        text = arguments.get("negative_prompt") or state.call_arguments.get("negative_prompt")
+        if text is None:
+            call = {**state.call_arguments, **{k: v for k, v in arguments.items() if v is not None}}
+            embeds = call.get(spec.embeds_args["embeds"])
+            if embeds is not None:  # the call's CFG negative in embedding form
+                fields = {field_: call.get(arg) for field_, arg in spec.embeds_args.items()}
+                return negative_from_embeddings(fields, positive, spec.embeds_args)
+            text = ""
+    missing = missing_encoders(pipe, spec)
+    if missing:
+        raise ValueError(f"{type(pipe).__name__} has no {', '.join(missing)}, so it cannot encode the NAG negative "
+                         f"{text!r}: give it in embedding form, nagkit.apply(pipe, negative_prompt_embeds=...) "
+                         f"(or pass the call's own {spec.embeds_args['embeds']}=...)")
+    per_prompt = int(arguments.get(spec.count_arg) or 1)
+    prompts = rows // per_prompt
+    if isinstance(text, str):
+        negatives = [text] * prompts
+    else:
+        negatives = list(text)
+        if len(negatives) != prompts:
+            raise ValueError(f"negative_prompt has {len(negatives)} entries but the call has {prompts} prompts; "
+                             "give one string (used for every prompt) or exactly one per prompt")
+    neg = encode(**negative_arguments(arguments, negatives, spec, max_length))
+    mask = neg[spec.mask_index] if spec.mask_index is not None else None
+    extras = {name: neg[index] for name, index in spec.extras.items()}
+    return Negative(embeds=neg[spec.embeds_index], mask=mask, positive=positive, extras=extras)
+
+
+class PipelineMethod:
+    """An instance-level wrapper of a pipeline method; calls ``on_call(original, args, kwargs)``.
+
+    A plain class (not a closure), so ``inspect.signature`` follows ``__wrapped__`` to the method's own signature.
+    """
+
+    def __init__(self, original: Any, on_call: Any) -> None:
+        self.__wrapped__ = original
+        self.__doc__ = getattr(original, "__doc__", None)
+        self.on_call = on_call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.on_call(self.__wrapped__, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<nagkit-wrapped {self.__wrapped__!r}>"

@@ -41,20 +41,28 @@ def _rows(x: torch.Tensor | None, packing: Packing) -> torch.Tensor | None:
     return x[packing.rows]
 
 
-def split_text(x: torch.Tensor | None, packing: Packing, dim: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Split a packed text tensor (keys, values or an attention bias) into its positive and negative parts."""
+def split_text(x: torch.Tensor | None, packing: Packing, dim: int, prefix: int = 0
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Split a packed text tensor (keys, values or an attention bias) into its positive and negative parts.
+
+    ``prefix`` tokens before the text (context both branches attend to, e.g. Wan image tokens without their own
+    projections) are kept at the front of both parts.
+    """
     if x is None:
         return None, None
     dim = dim % x.ndim
-    if x.shape[dim] != packing.lp + packing.ln:
-        raise RuntimeError(f"packed text length {x.shape[dim]} != {packing.lp} + {packing.ln}: the text reaching the "
-                           "attention is not the packed sequence nagkit built")
-    return x.narrow(dim, 0, packing.lp), x.narrow(dim, packing.lp, packing.ln)
+    if x.shape[dim] != prefix + packing.lp + packing.ln:
+        raise RuntimeError(f"packed text length {x.shape[dim] - prefix} != {packing.lp} + {packing.ln}: the text "
+                           "reaching the attention is not the packed sequence nagkit built")
+    negative = x.narrow(dim, prefix + packing.lp, packing.ln)
+    if prefix:
+        negative = torch.cat([x.narrow(dim, 0, prefix), negative], dim=dim)
+    return x.narrow(dim, 0, prefix + packing.lp), negative
 
 
 def nag_cross_attention(attend: Attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         mask: torch.Tensor | None, packing: Packing, scale: float, tau: float, alpha: float,
-                        norm: str = "l1", seq_dim: int = -2) -> torch.Tensor:
+                        norm: str = "l1", seq_dim: int = -2, prefix: int = 0) -> torch.Tensor:
     """Attention with NAG for a cross-attention layer.
 
     Args:
@@ -65,13 +73,14 @@ def nag_cross_attention(attend: Attend, query: torch.Tensor, key: torch.Tensor, 
         packing: the layout (see :class:`Packing`).
         scale, tau, alpha, norm: NAG parameters (already validated).
         seq_dim: the text sequence dim of ``key``/``value`` (``-2`` for ``(B, H, L, D)``, ``1`` for ``(B, L, H, D)``).
+        prefix: context tokens before the packed text that both branches attend to (not negated).
 
     Returns:
         ``(B, Lq, C)``: ``Z+`` on unguided rows, ``nag(Z+, Z-)`` on guided rows.
     """
-    k_pos, k_neg = split_text(key, packing, seq_dim)
-    v_pos, v_neg = split_text(value, packing, seq_dim)
-    m_pos, m_neg = split_text(mask, packing, -1)
+    k_pos, k_neg = split_text(key, packing, seq_dim, prefix)
+    v_pos, v_neg = split_text(value, packing, seq_dim, prefix)
+    m_pos, m_neg = split_text(mask, packing, -1, prefix)
     z_pos = attend(query, k_pos, v_pos, m_pos)
     z_neg = attend(_rows(query, packing), _rows(k_neg, packing), _rows(v_neg, packing), _rows(m_neg, packing))
     guided = nag_combine(_rows(z_pos, packing), z_neg, scale, tau, alpha, norm)
