@@ -256,7 +256,7 @@ def test_bad_input_errors():
         nagkit.apply(unet)
     with pytest.raises(ValueError, match="negative_prompt needs a pipeline"):
         nagkit.apply(unet, negative_prompt="x")
-    with pytest.raises(ValueError, match="either negative_prompt or negative"):
+    with pytest.raises(ValueError, match="give one of negative_prompt, negative"):
         nagkit.apply(pipe, negative_prompt="x", negative={"encoder_hidden_states": torch.zeros(1, 2, 32)})
     with pytest.raises(ValueError, match="keys .*'prompt_embeds'"):
         nagkit.apply(unet, negative={"prompt_embeds": torch.zeros(1, 2, 32)})

@@ -31,6 +31,7 @@ from diffusers.models.transformers.transformer_flux import (
 
 from ..core.operator import nag_combine
 from ..kernels.joint import nag_joint_attention
+from ..kernels.lse import attend
 from .base import Adapter, NAGProcessor, register_adapter
 
 
@@ -62,6 +63,9 @@ class NAGFluxAttnProcessor(NAGProcessor):
         if packing is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         cfg = self.state.config
+        if self._parallel_config is not None:
+            raise NotImplementedError("NAG on FLUX/Chroma joint attention does not support context parallelism "
+                                      "(enable_parallelism): the sequence split would cut the packed negative text")
         query, key, value, t_query, t_key, t_value = _projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
@@ -75,7 +79,7 @@ class NAGFluxAttnProcessor(NAGProcessor):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         out = nag_joint_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), packing,
                                   text_first=True, scale=cfg.scale, tau=cfg.tau, alpha=cfg.alpha, norm=cfg.norm,
-                                  bias=attention_mask)
+                                  bias=attention_mask, backend=self._attention_backend)
         if encoder_hidden_states is None:
             return out
         text_len = encoder_hidden_states.shape[1]
@@ -129,8 +133,8 @@ def _segment_attention(attn: torch.nn.Module, hidden_states: torch.Tensor, rope:
     if rope is not None:
         query = apply_rotary_emb(query, rope, sequence_dim=1)
         key = apply_rotary_emb(key, rope, sequence_dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2),
-                                                           value.transpose(1, 2))
+    out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None,
+                 getattr(attn.processor, "_attention_backend", None))
     return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
 

@@ -57,7 +57,7 @@ class NAGJointAttnProcessor2_0(NAGProcessor):
         value = torch.cat([value, text_v], dim=2)
 
         out = nag_joint_attention(query, key, value, packing, text_first=False, scale=cfg.scale, tau=cfg.tau,
-                                  alpha=cfg.alpha, norm=cfg.norm)
+                                  alpha=cfg.alpha, norm=cfg.norm, backend="native")  # as the original: F.sdpa
         hidden_states, encoder_hidden_states = out[:, :image_len], out[:, image_len:]
         if not attn.context_pre_only:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)

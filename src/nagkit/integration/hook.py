@@ -88,6 +88,17 @@ def _conditional_half(text: torch.Tensor, positive: torch.Tensor | None, rows: i
     return slice(rows, 2 * rows)
 
 
+@torch.compiler.disable
+def _drop_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The negative without the tokens every row masks out. Exact: masked keys get no attention weight, so a short
+    negative padded to the encoder's length (Sana, PixArt: 300 tokens) costs only its own tokens."""
+    keep = (mask != 0).any(dim=0)
+    if bool(keep.all()) or not bool(keep.any()):
+        return embeds, mask
+    index = keep.nonzero().squeeze(1).to(embeds.device)
+    return embeds.index_select(1, index), mask.index_select(1, index.to(mask.device))
+
+
 def _current_negative(state: NAGState, pipeline: str | None) -> Negative | None:
     if pipeline is None:
         return state.fixed
@@ -133,6 +144,8 @@ def plan_call(adapter: Adapter, state: NAGState, access: ArgAccess, args: tuple,
 
     batch, r = text.shape[0], negative.embeds.shape[0]
     embeds, mask, extras = negative.embeds, negative.mask, negative.extras
+    if mask is not None:
+        embeds, mask = _drop_padding(embeds, mask)
     if embeds.shape[-1] != text.shape[-1]:
         raise ValueError(f"negative embeddings have {embeds.shape[-1]} channels, the prompt's have {text.shape[-1]}")
     if batch == r:
@@ -220,25 +233,25 @@ class ProcessorSwap:
         for name, module in self.modules.items():
             self.wrapper(name, module)
 
-    def install(self) -> list[tuple[torch.nn.Module, bool, Any]]:
+    def install(self) -> list[tuple[torch.nn.Module, Any]]:
+        """Put the NAG processors in; returns what :meth:`restore` needs."""
         wrappers = [(module, self.wrapper(name, module)) for name, module in self.modules.items()]
         undo = []
         for module, wrapper in wrappers:
-            in_dict = "processor" in module.__dict__
-            undo.append((module, in_dict, module.__dict__.get("processor")))
-            if in_dict:
-                module.processor = wrapper
-            else:  # an nn.Module processor (IP-Adapter) lives in _modules: shadow it for this forward only
-                module.__dict__["processor"] = wrapper
+            original = module.processor
+            if isinstance(original, torch.nn.Module):  # IP-Adapter processors live in _modules
+                del module._modules["processor"]
+            module.processor = wrapper  # plain setattr: what torch.compile guards (never shadow _modules)
+            undo.append((module, original))
         return undo
 
     @staticmethod
-    def restore(undo: list[tuple[torch.nn.Module, bool, Any]]) -> None:
-        for module, in_dict, original in reversed(undo):
-            if in_dict:
-                module.processor = original
-            else:
-                module.__dict__.pop("processor", None)
+    def restore(undo: list[tuple[torch.nn.Module, Any]]) -> None:
+        """Put the original processors back."""
+        for module, original in reversed(undo):
+            if isinstance(original, torch.nn.Module):
+                del module.__dict__["processor"]
+            module.processor = original
 
 
 # ---------------------------------------------------------------------------------------------------- hooks

@@ -10,7 +10,9 @@ attentions that share the image::
 
 ``Z+`` and ``Z-`` are exact partial-softmax merges (:mod:`nagkit.kernels.lse`) of one image→image attention with the
 small image→text attentions, so the negative branch never recomputes image→image attention. Without an LSE kernel the
-same numbers come from two full attentions (``use_lse=False``).
+same numbers come from two full attentions (``use_lse=False``). Every attention runs on the module's diffusers
+attention backend (``set_attention_backend``) through ``dispatch_attention_fn``; see
+:func:`nagkit.kernels.lse.attention_with_lse_backend` for how the LSE is obtained per backend.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 
 from ..core.operator import nag_combine
 from .cross import Packing
-from .lse import attention_with_lse, merge_attention
+from .lse import attend, attention_with_lse_backend, merge_attention
 
 _TWO_ATTENTIONS = False
 
@@ -45,17 +48,14 @@ def lse_available(device: torch.device) -> bool:
     return device.type in ("cpu", "meta", "cuda")
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)
-
-
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2, 3)
 
 
 def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packing: Packing,
                         text_first: bool, scale: float, tau: float, alpha: float, norm: str = "l1",
-                        use_lse: bool | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+                        use_lse: bool | None = None, bias: torch.Tensor | None = None,
+                        backend: Any = None) -> torch.Tensor:
     """NAG joint attention over a packed ``[Tp | Tn | I]`` (``text_first``) or ``[I | Tp | Tn]`` sequence.
 
     Args:
@@ -67,6 +67,8 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
             device has an LSE kernel (CPU, CUDA, meta) and :func:`force_two_attentions` is not active.
         bias: optional additive attention bias ``(B, 1|H, L, L)`` over the packed sequence (query x key, packed
             order), e.g. Chroma's outer-product text mask.
+        backend: the module's diffusers attention backend (None: diffusers' active one; ``"native"`` for processors
+            that call PyTorch's SDPA directly).
 
     Returns:
         ``(B, L, H·D)`` in the packed order and the query dtype: the joint-attention output of every token, with
@@ -101,20 +103,29 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
     rows = packing.rows
     q_i = seg(query, si)
-    out_p = _sdpa(seg(query, sp), keys(sp, key), keys(sp, value), block_keys(sp, sp))
-    out_n = _sdpa(seg(query, sn), keys(sn, key), keys(sn, value), block_keys(sn, sn))
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return attend(q, k, v, mask, backend)
+
+    def with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):  # noqa: ANN202
+        return attention_with_lse_backend(q, k, v, mask, backend)
+
+    out_p = sdpa(seg(query, sp), keys(sp, key), keys(sp, value), block_keys(sp, sp))
+    out_n = sdpa(seg(query, sn), keys(sn, key), keys(sn, value), block_keys(sn, sn))
     q_g = guided_rows(q_i)
-    if use_lse:
-        image = attention_with_lse(q_i, seg(key, si), seg(value, si), block(si, si))
-        z_pos = merge_attention([image, attention_with_lse(q_i, seg(key, sp), seg(value, sp), block(si, sp))])
+    image = positive = negative = None
+    if use_lse:  # any part the backend cannot give an LSE for: two full attentions instead
+        image = with_lse(q_i, seg(key, si), seg(value, si), block(si, si))
+        positive = image and with_lse(q_i, seg(key, sp), seg(value, sp), block(si, sp))
+        negative = positive and with_lse(q_g, guided_rows(seg(key, sn)), guided_rows(seg(value, sn)),
+                                         guided_rows(block(si, sn)))
+    if negative is not None:
+        z_pos = merge_attention([image, positive])
         if not packing.all_rows:
             image = (image[0][rows], image[1][rows])
-        negative = attention_with_lse(q_g, guided_rows(seg(key, sn)), guided_rows(seg(value, sn)),
-                                      guided_rows(block(si, sn)))
         z_neg = merge_attention([image, negative])
     else:
-        z_pos = _sdpa(q_i, keys(sp, key), keys(sp, value), block_keys(si, sp))
-        z_neg = _sdpa(q_g, guided_rows(keys(sn, key)), guided_rows(keys(sn, value)), guided_rows(block_keys(si, sn)))
+        z_pos = sdpa(q_i, keys(sp, key), keys(sp, value), block_keys(si, sp))
+        z_neg = sdpa(q_g, guided_rows(keys(sn, key)), guided_rows(keys(sn, value)), guided_rows(block_keys(si, sn)))
     z_pos, z_neg = _merge_heads(z_pos), _merge_heads(z_neg)
     guided = nag_combine(z_pos if packing.all_rows else z_pos[rows], z_neg, scale, tau, alpha, norm)
     if not packing.all_rows:

@@ -17,13 +17,25 @@ Kernels (all heads-first ``(B, H, L, D)``):
   without a mask, else ``aten._scaled_dot_product_efficient_attention(compute_log_sumexp=True)`` (any dtype, additive
   bias; its LSE is padded to a multiple of 32 along the query dim and sliced back).
 * Anything else (or a kernel refusing the inputs): an explicit ``softmax`` fallback that computes the same numbers.
+
+With a diffusers attention backend (``set_attention_backend``), :func:`attention_with_lse_backend` keeps these kernels
+for PyTorch's own SDPA backends (diffusers cannot return their LSE; the aten kernels *are* those kernels) and asks
+``dispatch_attention_fn`` for the LSE on backends that return one (flash-attn, FA3, sage); other backends get
+``None``, and the caller falls back to two full attentions through the same backend (:func:`attend`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from diffusers.models import attention_dispatch
 
 NEG_INF = float("-inf")
+#: Backends whose LSE is PyTorch's own SDPA kernels' (computed here by the aten kernels above).
+TORCH_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn", "flex"})
+#: Backends whose ``dispatch_attention_fn(..., attention_kwargs={"return_lse": True})`` returns the LSE, and its layout.
+DISPATCH_LSE = {"flash": "BHL", "flash_hub": "BHL", "sage": "BHL", "sage_hub": "BHL", "_flash_3": "BLH"}
 
 
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -116,3 +128,57 @@ def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Ten
     total = torch.where(torch.isneginf(total), torch.zeros_like(total), total)
     out = sum(torch.exp(lse - total)[..., None] * o.float() for o, lse in parts)
     return out.to(parts[0][0].dtype)
+
+
+def backend_name(backend: Any) -> str:
+    """The name of a processor's ``_attention_backend`` (None: diffusers' active backend, as the dispatcher does)."""
+    if backend is None:
+        backend = attention_dispatch._AttentionBackendRegistry._active_backend
+    return str(getattr(backend, "value", backend))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           backend: Any = None) -> torch.Tensor:
+    """Plain attention through diffusers' ``dispatch_attention_fn`` with ``backend``; heads-first in and out.
+
+    Args:
+        q, k, v: ``(B, H, L, D)``.
+        mask: None, or a boolean keep-mask / additive bias broadcastable to ``(B, H, Lq, Lk)``.
+        backend: the module's attention backend (None: diffusers' active one).
+
+    Returns:
+        ``(B, H, Lq, D)``.
+    """
+    out = attention_dispatch.dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   attn_mask=mask, backend=backend, parallel_config=None)
+    return out.transpose(1, 2)
+
+
+def attention_with_lse_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                               backend: Any = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`attention_with_lse` for a module whose attention runs on diffusers backend ``backend``.
+
+    Args:
+        q, k, v: ``(B, H, L, D)``.
+        mask: None, a boolean keep-mask or an additive bias.
+        backend: the module's attention backend (None: diffusers' active one).
+
+    Returns:
+        ``(out, lse)`` as :func:`attention_with_lse`, or None when the backend cannot return an LSE (then compute
+        two full attentions through it instead).
+    """
+    name = backend_name(backend)
+    if name in TORCH_BACKENDS:
+        return attention_with_lse(q, k, v, mask)
+    layout = DISPATCH_LSE.get(name)
+    if layout is None or mask is not None:
+        return None
+    result = attention_dispatch.dispatch_attention_fn(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_kwargs={"return_lse": True},
+        backend=name, parallel_config=None)
+    if not isinstance(result, tuple):  # the backend's signature filter dropped return_lse
+        return None
+    out, lse = result[0], result[1]
+    if layout == "BLH":
+        lse = lse.transpose(1, 2)
+    return out.transpose(1, 2), lse.float()
