@@ -292,11 +292,11 @@ def test_bad_input_errors():
     with pytest.raises(RuntimeError, match="was removed"):
         guide.update(scale=2.0)
 
-    from diffusers.models.attention_processor import AttnProcessor
+    from diffusers.models.attention_processor import AttnAddedKVProcessor
 
-    unet.set_attn_processor(AttnProcessor())
+    unet.set_attn_processor(AttnAddedKVProcessor())
     try:
-        with pytest.raises(NotImplementedError, match="uses AttnProcessor, which nagkit cannot guide"):
+        with pytest.raises(NotImplementedError, match="uses AttnAddedKVProcessor, which nagkit cannot guide"):
             nagkit.apply(pipe, negative_prompt="x")
         assert "encode_prompt" not in pipe.__dict__
     finally:
