@@ -72,3 +72,61 @@ def test_cuda_guided_pipeline_matches_cpu(name):
         with nagkit.apply(pipe, negative_prompt="blurry", scale=5.0, alpha=0.5):
             outs[device] = pipe("a red cat", generator=torch.Generator().manual_seed(0), **call)[0].float().cpu()
     torch.testing.assert_close(outs["cuda"], outs["cpu"], atol=2e-3, rtol=2e-3)
+
+
+def _flux_inputs(model, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    li, lt, dim = 64, 12, model.config.joint_attention_dim
+    inputs = dict(hidden_states=torch.randn(2, li, model.config.in_channels, generator=g),
+                  encoder_hidden_states=torch.randn(2, lt, dim, generator=g),
+                  pooled_projections=torch.randn(2, model.config.pooled_projection_dim, generator=g),
+                  timestep=torch.tensor([0.6, 0.6]), img_ids=torch.randn(li, 3, generator=g),
+                  txt_ids=torch.zeros(lt, 3))
+    negative = {"encoder_hidden_states": torch.randn(2, 8, dim, generator=g),
+                "pooled_projections": torch.randn(2, model.config.pooled_projection_dim, generator=g)}
+    move = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    return move, {k: v.to(device, dtype) for k, v in negative.items()}
+
+
+@pytest.mark.parametrize("backend", ["native", "_native_flash", "_native_efficient", "_native_math"])
+def test_cuda_guided_flux_on_each_attention_backend(backend):
+    import nagkit
+    from nagkit.tiny.pipelines import TINY_PIPELINES
+
+    model = TINY_PIPELINES["tiny-flux"](seed=0).transformer.to("cuda", torch.bfloat16)
+    inputs, negative = _flux_inputs(model, "cuda", torch.bfloat16)
+    with torch.no_grad(), nagkit.apply(model, negative=negative, scale=5.0, alpha=0.5):
+        reference = model(**inputs, return_dict=False)[0].float()
+        model.set_attention_backend(backend)
+        try:
+            out = model(**inputs, return_dict=False)[0].float()
+        finally:
+            model.reset_attention_backend()
+    torch.testing.assert_close(out, reference, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("order", ["nag_first", "offload_first"])
+def test_cuda_group_offload_with_nag(order):
+    import nagkit
+    from nagkit.tiny.pipelines import TINY_PIPELINES
+
+    model = TINY_PIPELINES["tiny-flux"](seed=0).transformer.to(torch.float32)
+    inputs, negative = _flux_inputs(model, "cuda", torch.float32)
+    model.to("cuda")
+    with torch.no_grad(), nagkit.apply(model, negative=negative, scale=5.0, alpha=0.5):
+        expected = model(**inputs, return_dict=False)[0]
+    model.to("cpu")
+
+    def offload():
+        model.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                   offload_type="block_level", num_blocks_per_group=1)
+
+    if order == "offload_first":
+        offload()
+    guide = nagkit.apply(model, negative=negative, scale=5.0, alpha=0.5)
+    if order == "nag_first":
+        offload()
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    guide.remove()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)

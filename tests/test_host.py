@@ -295,3 +295,48 @@ def test_flux_default_negative_is_the_call_negative_prompt(flux):
     with nagkit.apply(flux, scale=5.0, alpha=0.5):
         default = generate("tiny-flux", flux, negative_prompt="ugly dark")  # true_cfg_scale 1: CFG itself is off
     torch.testing.assert_close(default, explicit, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- finding 11
+@pytest.mark.parametrize("backend", ["_native_math", "flex"])
+def test_guided_attention_uses_the_module_backend(flux, backend):
+    from diffusers.models import attention_dispatch as ad
+
+    model = flux.transformer
+    g = torch.Generator().manual_seed(0)
+    li, lt, dim = 16, 6, model.config.joint_attention_dim
+    inputs = dict(hidden_states=torch.randn(1, li, model.config.in_channels, generator=g),
+                  encoder_hidden_states=torch.randn(1, lt, dim, generator=g),
+                  pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g),
+                  timestep=torch.tensor([0.6]), img_ids=torch.randn(li, 3, generator=g), txt_ids=torch.zeros(lt, 3),
+                  return_dict=False)
+    negative = {"encoder_hidden_states": torch.randn(1, 4, dim, generator=g)}
+    with torch.no_grad(), nagkit.apply(model, negative=negative, scale=5.0, alpha=0.5):
+        default = model(**inputs)[0]
+        name = ad.AttentionBackendName(backend)
+        original = ad._AttentionBackendRegistry._backends[name]
+        calls = []
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        ad._AttentionBackendRegistry._backends[name] = counting
+        try:
+            model.set_attention_backend(backend)
+            chosen = model(**inputs)[0]
+        finally:
+            ad._AttentionBackendRegistry._backends[name] = original
+            model.reset_attention_backend()
+    # 3 blocks: text segments (and, without an LSE from this backend, both image attentions) through the backend
+    assert len(calls) >= 2 * 3
+    torch.testing.assert_close(chosen, default, atol=1e-4, rtol=1e-4)
+
+
+def test_sd3_fused_qkv_after_apply_is_still_guided():
+    pipe = TINY_PIPELINES["tiny-sd3"](seed=0)
+    with nagkit.apply(pipe, negative_prompt=NEG, scale=5.0, alpha=0.5):
+        guided = generate("tiny-sd3", pipe)
+        pipe.transformer.fuse_qkv_projections()
+        fused = generate("tiny-sd3", pipe)
+    torch.testing.assert_close(fused, guided, atol=1e-4, rtol=1e-4)

@@ -1,20 +1,36 @@
-"""What a model family tells nagkit: which denoiser class, which attention modules, which processors, which inputs.
+"""What nagkit knows about a model family, and the registries every family fills in.
 
-Adding a cross-attention family is one :class:`Adapter` and, when its attention processor is new, one NAG processor
-class (the original processor's code with its single attention call replaced by
-:func:`nagkit.kernels.nag_cross_attention`).
+One family is one module of this package (``unet.py``, ``wan.py``, ``flux.py``…) that ends with one
+``register_adapter(Adapter(...))``. The :class:`Adapter` carries everything about the family:
+
+* the denoiser: its class, which attention modules get NAG (``select``), the NAG processor class for each original
+  processor class it can wrap (the original processor's code with its attention call replaced by
+  :func:`nagkit.kernels.nag_cross_attention` or :func:`nagkit.kernels.joint.nag_joint_attention`), how the negative
+  is packed (``text_arg``, ``mask_arg``/``mask_packer``, ``prepare``), block hooks, the timestep window, the
+  official-mode norm;
+* its diffusers pipelines (:class:`PipelineSpec`: how ``encode_prompt`` makes the NAG negative) and presets
+  (:class:`~nagkit.core.config.NAGConfig` with where the values come from);
+* its tiny seeded pipelines for tests and CPU demos (:class:`TinyModel`; shared fixture helpers live in
+  :mod:`nagkit.tiny`, imported inside the builders) and its meta-input builder for ``nagkit bench``.
+
+:func:`register_adapter` puts all of it in the registries: the adapters, :data:`PIPELINES`,
+:data:`nagkit.core.config.PRESETS` and :data:`TINY_MODELS`. Family modules must not import :mod:`nagkit.integration`
+at import time (it imports this package).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.config import NAGConfig
+from ..core.config import NAGConfig, register_preset
 from ..core.state import NAGState
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 class NAGProcessor:
@@ -58,6 +74,49 @@ class NAGProcessor:
 
 
 @dataclass(frozen=True)
+class PipelineSpec:
+    """How to read one pipeline family's ``encode_prompt``.
+
+    Attributes:
+        denoisers: attribute names of the denoisers to guide (those that exist and are not None).
+        embeds_index: position of the positive text embeddings in ``encode_prompt``'s return tuple.
+        mask_index: position of the positive text mask, or None.
+        extras: denoiser argument -> position in ``encode_prompt``'s return tuple of further inputs the negative
+            branch takes from the negative's encoding (FLUX: ``{"pooled_projections": 1}``, the negative's pooled
+            embedding, as the official code). Others keep the prompt's (SD3/SDXL pooled embeddings, official).
+        count_arg: the ``num_*_per_prompt`` argument name.
+        overrides: extra ``encode_prompt`` arguments for the negative (how the pipeline encodes its CFG negative).
+        preset: default preset.
+        encoders: text encoder attributes that ``encode_prompt`` needs to encode a string.
+        embeds_args: negative field -> name of the call's own argument carrying it in embedding form
+            (``"embeds"``, ``"mask"`` and the ``extras`` keys).
+    """
+
+    denoisers: tuple[str, ...]
+    embeds_index: int = 0
+    mask_index: int | None = None
+    extras: dict[str, int] = field(default_factory=dict)
+    count_arg: str = "num_images_per_prompt"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    preset: str = ""
+    encoders: tuple[str, ...] = ("text_encoder",)
+    embeds_args: dict[str, str] = field(default_factory=lambda: {"embeds": "negative_prompt_embeds"})
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny, seeded-random, offline pipeline of a family (tests, CPU demos, ``nagkit generate tiny-…``).
+
+    Attributes:
+        builder: ``builder(seed=0)`` returns the pipeline on CPU in float32; nothing is downloaded.
+        call_kwargs: recommended small call arguments (size, frames, text length…).
+    """
+
+    builder: Callable[..., DiffusionPipeline]
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Adapter:
     """How NAG installs on one denoiser class.
 
@@ -83,6 +142,15 @@ class Adapter:
         official_norm: the norm the official implementation uses for this family (``mode="official"``).
         block_forwards: block class -> ``forward(block, state, original_forward, *args, **kwargs)`` used for that
             block on guided calls (per-segment modulation of the text stream), installed as a block hook.
+        pipelines: diffusers pipeline class name -> :class:`PipelineSpec` of the pipelines built on this denoiser.
+        presets: preset name -> settings (registered into :data:`nagkit.PRESETS`).
+        tiny: tiny model name (``"tiny-…"``) -> :class:`TinyModel`.
+        bench_inputs: ``bench_inputs(spec, batch, dtype) -> nagkit.bench.families.Inputs``: meta inputs of one
+            denoiser call of the shapes in a ``nagkit bench`` family spec (``spec.geometry``), ``batch`` rows.
+        separate_cfg: the family's pipelines run CFG as two denoiser calls (conditional, then unconditional) instead
+            of one call on a doubled batch (Wan, FLUX true CFG, Chroma).
+        drop_padding: drop the tokens a negative's padding mask removes before packing (exact where masked keys
+            get no attention weight: PixArt, Sana), so a few-word negative padded to 300 tokens costs its own tokens.
     """
 
     family: str
@@ -101,6 +169,12 @@ class Adapter:
     block_forwards: dict[type, Callable] = field(default_factory=dict)
     mask_packer: Callable | None = None
     window: Callable | None = None
+    pipelines: dict[str, PipelineSpec] = field(default_factory=dict)
+    presets: dict[str, NAGConfig] = field(default_factory=dict)
+    tiny: dict[str, TinyModel] = field(default_factory=dict)
+    bench_inputs: Callable | None = None
+    separate_cfg: bool = False
+    drop_padding: bool = False
 
     def processor_for(self, processor: object) -> type[NAGProcessor] | None:
         """The NAG processor class that can wrap ``processor`` (by exact class, then subclass), or None."""
@@ -129,11 +203,22 @@ class Adapter:
 
 
 _REGISTRY: list[Adapter] = []
+#: Supported diffusers pipelines: class name -> :class:`PipelineSpec` (filled by :func:`register_adapter`).
+PIPELINES: dict[str, PipelineSpec] = {}
+#: Tiny offline pipelines: name -> :class:`TinyModel` (filled by :func:`register_adapter`, in registration order).
+TINY_MODELS: dict[str, TinyModel] = {}
 
 
 def register_adapter(adapter: Adapter) -> Adapter:
-    """Register an adapter (also for user-defined families). Later registrations win for the same class."""
+    """Register a family (also a user-defined one): its adapter, pipelines, presets and tiny models.
+
+    Later registrations win for the same denoiser class, pipeline, preset or tiny model name.
+    """
     _REGISTRY.insert(0, adapter)
+    PIPELINES.update(adapter.pipelines)
+    for name, config in adapter.presets.items():
+        register_preset(name, config)
+    TINY_MODELS.update(adapter.tiny)
     return adapter
 
 
@@ -149,6 +234,17 @@ def find_adapter(model: torch.nn.Module) -> Adapter | None:
             return adapter
     for adapter in _REGISTRY:
         if isinstance(model, adapter.model_class):
+            return adapter
+    return None
+
+
+def find_adapter_class(model_class: type) -> Adapter | None:
+    """The adapter for the denoiser class ``model_class`` (exact class first, then subclasses), or None."""
+    for adapter in _REGISTRY:
+        if model_class is adapter.model_class:
+            return adapter
+    for adapter in _REGISTRY:
+        if issubclass(model_class, adapter.model_class):
             return adapter
     return None
 

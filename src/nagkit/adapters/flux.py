@@ -1,4 +1,4 @@
-"""FLUX.1 ``FluxTransformer2DModel`` (schnell, dev, Kontext) and Chroma: NAG in every double- and single-stream block.
+"""FLUX.1 ``FluxTransformer2DModel`` (schnell, dev, Kontext): NAG in every double- and single-stream block.
 
 Layout ``[Tp | Tn | I]`` (text first). The negative text is packed after the prompt's text (its RoPE position ids are
 zeros, like every Flux text token) and travels through all blocks as its own stream; the image stream stays single:
@@ -14,14 +14,19 @@ embedding is given (bare denoiser without ``pooled_projections`` in ``negative``
 ``mode="official"`` reproduces the official diffusers code: its single blocks run a second copy of the image tokens
 under the negative modulation (so the negative branch sees image keys/values that drift from the image stream), and
 it uses the L2 norm. The double blocks are the same in both modes. ``fast`` keeps one image stream.
+
+The family's file: the NAG processor, block hooks and preparation (shared with Chroma, :mod:`nagkit.adapters.chroma`)
+and the adapter; the pipelines (``FluxPipeline``, ``FluxKontextPipeline``) and presets (``flux``, ``flux-kontext``);
+the meta inputs of ``nagkit bench``; the tiny pipelines ``tiny-flux`` (schnell-like), ``tiny-flux-dev`` and
+``tiny-flux-kontext``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
     FluxAttnProcessor,
@@ -29,10 +34,16 @@ from diffusers.models.transformers.transformer_flux import (
     FluxTransformerBlock,
 )
 
+from ..core.config import NAGConfig
 from ..core.operator import nag_combine
 from ..kernels.joint import nag_joint_attention
 from ..kernels.lse import attend
-from .base import Adapter, NAGProcessor, register_adapter
+from .base import Adapter, NAGProcessor, PipelineSpec, TinyModel, register_adapter
+
+if TYPE_CHECKING:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
+
+    from ..bench.families import CallBase, FamilySpec, Inputs
 
 
 def _projections(attn: torch.nn.Module, hidden_states: torch.Tensor, text: torch.Tensor | None):
@@ -227,34 +238,169 @@ def _prepare(model: torch.nn.Module, access: Any, args: tuple, kwargs: dict, ext
     return args, kwargs
 
 
-def _chroma_prepare(model: torch.nn.Module, access: Any, args: tuple, kwargs: dict, extras: dict, packing: Any,
-                    state: Any) -> tuple[tuple, dict]:
-    if state.config.mode == "official":
-        raise ValueError("Chroma has no official NAG implementation to reproduce; use mode='fast'")
-    return _prepare(model, access, args, kwargs, extras, packing, state)
-
-
-def _chroma_mask(access: Any, args: tuple, kwargs: dict, mask: torch.Tensor | None, packing: Any
-                 ) -> tuple[tuple, dict]:
-    """Chroma's ``attention_mask`` covers ``[text | image]``: the negative's part goes in after the prompt's text."""
-    pos_mask = access.get("attention_mask", args, kwargs)
-    if pos_mask is None and mask is None:
-        return args, kwargs
-    batch, lp, ln = packing.batch, packing.lp, packing.ln
-    if pos_mask is None:
-        text = access.get("encoder_hidden_states", args, kwargs)
-        length = lp + access.get("hidden_states", args, kwargs).shape[1]
-        pos_mask = torch.ones(batch, length, device=text.device, dtype=torch.long)
-    neg_mask = torch.ones(batch, ln, device=pos_mask.device, dtype=pos_mask.dtype)
-    if mask is not None:
-        neg_mask[packing.rows] = mask.to(device=pos_mask.device, dtype=pos_mask.dtype)
-    packed = torch.cat([pos_mask[:, :lp], neg_mask, pos_mask[:, lp:]], dim=1)
-    return access.set("attention_mask", packed, args, kwargs)
-
-
 def _flux_attention(name: str, module: torch.nn.Module) -> bool:
     return name.endswith(".attn") and hasattr(module, "head_dim")
 
+
+# ------------------------------------------------------------------------------------------------ nagkit bench
+def packed_bench_kwargs(c: CallBase) -> dict[str, Any]:
+    """The meta inputs Flux and Chroma share (from a :class:`nagkit.bench.families.CallBase`): packed latents
+    (``patch``×``patch`` latent patches as channels), timestep, text, RoPE ids."""
+    g, (h, w) = c.geometry, c.latent_hw
+    ph, pw = h // g.patch, w // g.patch
+    return {"hidden_states": c.meta(c.batch, ph * pw, g.latent_channels * g.patch * g.patch), "timestep": c.timestep,
+            "encoder_hidden_states": c.text, "img_ids": c.meta(ph * pw, 3), "txt_ids": c.meta(g.text_tokens, 3)}
+
+
+def flux_bench_inputs(spec: FamilySpec, batch: int, dtype: torch.dtype) -> Inputs:
+    """Meta inputs of one FLUX.1 call (pooled CLIP embedding and guidance, as FLUX.1-dev)."""
+    from ..bench.families import Inputs, call_base
+
+    c = call_base(spec, batch, dtype)
+    kwargs = packed_bench_kwargs(c)
+    kwargs["pooled_projections"] = c.meta(batch, c.geometry.pooled_dim)
+    kwargs["guidance"] = c.meta(batch, dtype=torch.float32)
+    return Inputs(kwargs=kwargs, negative=c.negative)
+
+
+# ------------------------------------------------------------------------------------------------ tiny pipelines
+# Test fixtures (``nagkit.tiny``): seeded random weights, in-memory tokenizers, nothing downloaded. Their diffusers and
+# transformers imports stay inside the builders, so importing nagkit does not load the pipelines.
+
+
+def _flux_dev_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    # Released FLUX.1-dev / Kontext / Chroma scheduler config (resolution-dependent shift; the pipelines pass `mu`).
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def _flux_transformer(seed: int, pooled_dim: int, guidance_embeds: bool) -> FluxTransformer2DModel:
+    """2 double-stream + 2 single-stream Flux blocks, 2 heads x 16 (RoPE axes 4 + 4 + 8)."""
+    from ..tiny.mmdit import _T5_DIM, MMDIT_LATENT_CHANNELS
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * MMDIT_LATENT_CHANNELS,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_T5_DIM,
+        pooled_projection_dim=pooled_dim,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    ).eval()
+
+
+def _flux_components(seed: int, guidance_embeds: bool) -> dict[str, object]:
+    """Components shared by the Flux and Flux Kontext builders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextModel
+
+    from ..tiny.mmdit import FLUX_VAE_FACTORS, _tiny_t5, _tiny_vae
+    from ..tiny.pipelines import _clip_text_config, tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden_size=16)).eval()
+    tokenizer_2, text_encoder_2 = _tiny_t5(seed)
+    transformer = _flux_transformer(seed, text_encoder.config.hidden_size, guidance_embeds)
+    vae = _tiny_vae(seed, FLUX_VAE_FACTORS)
+    torch.manual_seed(seed)
+    if guidance_embeds:
+        scheduler = _flux_dev_scheduler()
+    else:  # FLUX.1-schnell: fixed shift 1
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    return {
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "transformer": transformer,
+    }
+
+
+def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """Build a tiny random FLUX.1-schnell-style pipeline (no guidance embedding).
+
+    Transformer: 2 double-stream (joint) + 2 single-stream blocks, 2 heads x 16, 64 input channels (2x2-packed
+    16-channel latents). Text: ``CLIPTextModel`` (hidden 16, 77 tokens; only its pooled output is used) and a 1-layer
+    T5 (d_model 32). VAE factor 8 (height/width multiples of 16), Flux scaling/shift factors. Scheduler: flow-match
+    Euler, shift 1. True CFG runs with ``true_cfg_scale > 1`` and a ``negative_prompt``; ``guidance_scale`` is ignored.
+
+    Args:
+        seed: Seed for all random weights.
+
+    Returns:
+        A ``FluxPipeline`` on CPU in float32.
+    """
+    from diffusers import FluxPipeline
+
+    from ..tiny.pipelines import _finish
+
+    return _finish(FluxPipeline(**_flux_components(seed, guidance_embeds=False)))
+
+
+def tiny_flux_dev_pipeline(seed: int = 0) -> FluxPipeline:
+    """Build a tiny random FLUX.1-dev-style (guidance-distilled) pipeline.
+
+    Like :func:`tiny_flux_pipeline` with ``guidance_embeds=True`` (``guidance_scale`` is embedded, no extra pass) and
+    the dev scheduler (shift 3, dynamic shifting).
+
+    Args:
+        seed: Seed for all random weights.
+
+    Returns:
+        A ``FluxPipeline`` on CPU in float32.
+    """
+    from diffusers import FluxPipeline
+
+    from ..tiny.pipelines import _finish
+
+    return _finish(FluxPipeline(**_flux_components(seed, guidance_embeds=True)))
+
+
+def tiny_flux_kontext_pipeline(seed: int = 0) -> FluxKontextPipeline:
+    """Build a tiny random FLUX.1-Kontext-dev-style pipeline (guidance-distilled, image-conditioned).
+
+    Same components as :func:`tiny_flux_dev_pipeline`. The conditioning ``image`` is VAE-encoded and its packed
+    tokens are appended to the image tokens. Call it with ``max_area=height * width`` (the output size is derived
+    from it, default 1024**2) and ``_auto_resize=False`` (else the image is resized to a ~1 MP preferred resolution).
+
+    Args:
+        seed: Seed for all random weights.
+
+    Returns:
+        A ``FluxKontextPipeline`` on CPU in float32; ``image=`` is optional (see :func:`tiny_condition_image`).
+    """
+    from diffusers import FluxKontextPipeline
+
+    from ..tiny.pipelines import _finish
+
+    return _finish(FluxKontextPipeline(**_flux_components(seed, guidance_embeds=True)))
+
+
+# ------------------------------------------------------------------------------------------------ registration
+# Flux returns (prompt_embeds, pooled, text_ids); the negative branch uses the negative's pooled embedding (official).
+_FLUX_ARGS = {"embeds": "negative_prompt_embeds", "pooled_projections": "negative_pooled_prompt_embeds"}
+_FLUX = PipelineSpec(denoisers=("transformer",), extras={"pooled_projections": 1}, preset="flux",
+                     encoders=("text_encoder", "text_encoder_2"), embeds_args=_FLUX_ARGS)
+_KONTEXT = PipelineSpec(denoisers=("transformer",), extras={"pooled_projections": 1}, preset="flux-kontext",
+                        encoders=("text_encoder", "text_encoder_2"), embeds_args=_FLUX_ARGS)
+# MM-DiT: T5 length 32. Kontext: the output size comes from max_area, and _auto_resize=False keeps an `image=` at its
+# own (tiny) size instead of a ~1 MP preferred one.
+_TINY_CALL = {"height": 64, "width": 64, "max_sequence_length": 32}
 
 FLUX = register_adapter(Adapter(
     family="flux",
@@ -270,19 +416,19 @@ FLUX = register_adapter(Adapter(
     official_norm="l2",  # the official diffusers Flux processor uses the L2 norm
     prepare=_prepare,
     block_forwards={FluxTransformerBlock: _double_block, FluxSingleTransformerBlock: _single_block},
-))
-
-
-CHROMA = register_adapter(Adapter(
-    family="chroma",
-    model_class=ChromaTransformer2DModel,
-    processors={FluxAttnProcessor: NAGFluxAttnProcessor},
-    select=_flux_attention,
-    mask_arg="attention_mask",
-    mask_packer=_chroma_mask,
-    timestep_max=1.0,
-    preset="chroma",
-    notes="Chroma: as Flux fast mode (modulation is text-independent); Chroma's own additive text-mask semantics "
-          "kept for the negative segment",
-    prepare=_chroma_prepare,
+    pipelines={"FluxPipeline": _FLUX, "FluxKontextPipeline": _KONTEXT},
+    presets={
+        # Official Flux pipeline: alpha 0.25; README FLUX.1-schnell example nag_scale 5 (4 steps, no CFG).
+        "flux": NAGConfig(scale=5.0, tau=2.5, alpha=0.25),
+        # Official Kontext pipeline: nag_end 0.25 by default; README nag_scale 5.
+        "flux-kontext": NAGConfig(scale=5.0, tau=2.5, alpha=0.25, end=0.25),
+    },
+    tiny={
+        "tiny-flux": TinyModel(tiny_flux_pipeline, dict(_TINY_CALL)),
+        "tiny-flux-dev": TinyModel(tiny_flux_dev_pipeline, dict(_TINY_CALL)),
+        "tiny-flux-kontext": TinyModel(tiny_flux_kontext_pipeline, {**_TINY_CALL, "max_area": 64 * 64,
+                                                                    "_auto_resize": False}),
+    },
+    bench_inputs=flux_bench_inputs,
+    separate_cfg=True,  # true CFG (true_cfg_scale): conditional and unconditional calls in turn
 ))

@@ -9,9 +9,15 @@ Wan's image context.
 
 Pooled text and time ids (SDXL ``added_cond_kwargs``) stay positive: the negative enters only through the
 cross-attention keys/values, like the official pipeline.
+
+The family's file: the NAG processors and the adapter; the pipelines (``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``) and presets (``sd15``, ``sdxl``); the meta inputs of ``nagkit bench``; the tiny
+pipelines ``tiny-sd15`` and ``tiny-sdxl``.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -28,7 +34,12 @@ from diffusers.models.attention_processor import (
 
 from ..core.config import NAGConfig
 from ..kernels.cross import Attend, nag_cross_attention, sdpa_heads_first
-from .base import Adapter, NAGProcessor, register_adapter
+from .base import Adapter, NAGProcessor, PipelineSpec, TinyModel, register_adapter
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ..bench.families import FamilySpec, Inputs
 
 
 def classic_heads_first(attn: Attention, slice_size: int | None = None) -> Attend:
@@ -202,6 +213,151 @@ def _official_unet_window(config: NAGConfig, timestep: float) -> bool:
     return config.in_window(timestep, 999.0, floor=True)
 
 
+# ------------------------------------------------------------------------------------------------ nagkit bench
+def unet_bench_inputs(spec: FamilySpec, batch: int, dtype: torch.dtype) -> Inputs:
+    """Meta inputs of one UNet call (SDXL: pooled text and time ids when the geometry has ``pooled_dim``)."""
+    from ..bench.families import Inputs, call_base
+
+    c = call_base(spec, batch, dtype)
+    g, (h, w) = c.geometry, c.latent_hw
+    kwargs: dict[str, Any] = {"sample": c.meta(batch, g.latent_channels, h, w), "timestep": c.timestep,
+                              "encoder_hidden_states": c.text}
+    if g.pooled_dim:
+        kwargs["added_cond_kwargs"] = {"text_embeds": c.meta(batch, g.pooled_dim),
+                                       "time_ids": c.meta(batch, g.time_ids)}
+    return Inputs(kwargs=kwargs, mask_arg="encoder_attention_mask", negative=c.negative)
+
+
+# ------------------------------------------------------------------------------------------------ tiny pipelines
+# Test fixtures (``nagkit.tiny``): seeded random weights, in-memory tokenizers, nothing downloaded. Their diffusers and
+# transformers imports stay inside the builders, so importing nagkit does not load the pipelines.
+
+
+def tiny_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Build a tiny random Stable Diffusion 1.5-style pipeline.
+
+    UNet: 2 levels (16, 32 channels), one cross-attention block per level (``attn2`` over 32-dim CLIP states).
+    VAE: factor 8. Text: 2-layer CLIP (hidden 32), tokenizer ``model_max_length`` 77. Default size 64x64.
+
+    Args:
+        seed: Seed for all random weights (``torch.manual_seed(seed)`` before each component).
+
+    Returns:
+        A ``StableDiffusionPipeline`` on CPU in float32 (no safety checker).
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    from ..tiny.pipelines import _clip_text_config, _finish, _tiny_vae_kl, tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden_size=32)).eval()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        cross_attention_dim=32,
+    ).eval()
+    vae = _tiny_vae_kl(seed).eval()
+    torch.manual_seed(seed)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _finish(pipe)
+
+
+def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """Build a tiny random Stable Diffusion XL-style pipeline.
+
+    Two CLIP text encoders (hidden 16 and 32, ``CLIPTextModelWithProjection`` projection 32), so the UNet
+    ``cross_attention_dim`` is 48; ``addition_embed_type="text_time"`` with ``addition_time_embed_dim`` 8
+    (``projection_class_embeddings_input_dim`` = 6 * 8 + 32). VAE factor 8, default size 64x64, no watermarker.
+
+    Args:
+        seed: Seed for all random weights.
+
+    Returns:
+        A ``StableDiffusionXLPipeline`` on CPU in float32.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..tiny.pipelines import _clip_text_config, _finish, _tiny_vae_kl, tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_clip_tokenizer(pad_token="!")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden_size=16)).eval()
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, hidden_size=32, projection_dim=32))
+    text_encoder_2 = text_encoder_2.eval()
+    cross_dim = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    time_dim = 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        use_linear_projection=True,
+        norm_num_groups=4,
+        cross_attention_dim=cross_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text_encoder_2.config.projection_dim,
+    ).eval()
+    vae = _tiny_vae_kl(seed).eval()
+    torch.manual_seed(seed)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    return _finish(pipe)
+
+
+# ------------------------------------------------------------------------------------------------ registration
 UNET = register_adapter(Adapter(
     family="unet",
     model_class=UNet2DConditionModel,
@@ -213,4 +369,19 @@ UNET = register_adapter(Adapter(
     preset="sdxl",
     notes="SD1.5/SDXL (incl. DMD2, Lightning, Turbo checkpoints): NAG on every cross-attention attn2; default, "
           "fused, sliced and IP-Adapter processors (IP-Adapter image tokens not negated)",
+    pipelines={
+        "StableDiffusionPipeline": PipelineSpec(denoisers=("unet",), preset="sd15"),
+        "StableDiffusionXLPipeline": PipelineSpec(denoisers=("unet",), preset="sdxl", encoders=("text_encoder_2",)),
+    },
+    presets={
+        # Official SDXL pipeline: alpha 0.5; README DMD2 example nag_scale 3 (paper φ=2).
+        "sdxl": NAGConfig(scale=3.0, tau=2.5, alpha=0.5),
+        # No official diffusers SD1.5 code; paper/UNet family φ=2, α=0.5 (as SDXL).
+        "sd15": NAGConfig(scale=3.0, tau=2.5, alpha=0.5),
+    },
+    tiny={
+        "tiny-sd15": TinyModel(tiny_sd15_pipeline, {"height": 64, "width": 64}),
+        "tiny-sdxl": TinyModel(tiny_sdxl_pipeline, {"height": 64, "width": 64}),
+    },
+    bench_inputs=unet_bench_inputs,
 ))

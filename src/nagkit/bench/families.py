@@ -5,7 +5,8 @@ Each JSON file holds the denoiser's ``config.json`` values (``config``), its dif
 geometry of a generation (resolution, frames, VAE factors, text tokens and width) and which modules are per-token text
 layers (``text_modules``, or ``text_linears`` and ``joint_attention`` patterns for MM-DiTs: the work a negative's tokens
 need at least, for the analytic minimum). No weights are ever loaded: models are built
-with ``__init__`` under ``torch.device("meta")``.
+with ``__init__`` under ``torch.device("meta")``. The meta inputs of a call come from the family's module in
+:mod:`nagkit.adapters` (``Adapter.bench_inputs``, found by the diffusers class): :func:`build_inputs` dispatches to it.
 
 An optional ``time`` object holds the reduced config of time mode (:mod:`nagkit.bench.timing`): ``config`` and
 ``geometry`` values that replace the published ones (fewer blocks; widths and token counts divided by the same
@@ -120,7 +121,9 @@ class FamilySpec:
         source: where the config values come from.
         model_class: name of the diffusers class.
         attention: ``"cross"`` (text cross-attention) or ``"joint"`` (MM-DiT joint attention).
-        inputs: which input builder to use (``unet``, ``wan``, ``pixart``, ``sana``, ``sd3``, ``flux``, ``chroma``).
+        inputs: the family's input kind (``unet``, ``wan``, ``pixart``, ``sana``, ``sd3``, ``flux``, ``chroma``), read
+            by time mode and the in-repo official references; the meta inputs themselves come from the adapter
+            registered for ``model_class`` (:func:`build_inputs`).
         config: keyword arguments of the class's ``__init__`` (the published ``config.json`` values).
         geometry: default call geometry.
         text_modules: dotted names of per-token text layers that NAG runs again on the negative's tokens
@@ -301,8 +304,57 @@ class Inputs:
         return kwargs
 
 
+@dataclass(frozen=True)
+class CallBase:
+    """What the meta inputs of every family share, for the families' ``bench_inputs`` builders.
+
+    Attributes:
+        geometry: the family's geometry.
+        batch: rows of the call.
+        latent_hw: latent height and width.
+        text: the prompt's text embeddings ``(batch, text_tokens, text_dim)``.
+        timestep: ``(batch,)`` float32 timesteps.
+        negative: the negative's text embeddings ``{"encoder_hidden_states": (geometry.batch, negative_length,
+            text_dim)}`` (families add their own keys).
+        dtype: dtype of the float inputs.
+    """
+
+    geometry: Geometry
+    batch: int
+    latent_hw: tuple[int, int]
+    text: torch.Tensor
+    timestep: torch.Tensor
+    negative: dict[str, torch.Tensor]
+    dtype: torch.dtype
+
+    def meta(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An empty meta tensor of ``shape`` (in the call's float dtype unless ``dtype`` is given)."""
+        return _meta(*shape, dtype=self.dtype if dtype is None else dtype)
+
+
+def call_base(spec: FamilySpec, batch: int, dtype: torch.dtype) -> CallBase:
+    """The shared part of a family's meta inputs (see :class:`CallBase`).
+
+    Args:
+        spec: the family.
+        batch: rows of the call.
+        dtype: dtype of the float inputs.
+
+    Returns:
+        The :class:`CallBase`.
+    """
+    g = spec.geometry
+    text = _meta(batch, g.text_tokens, g.text_dim, dtype=dtype)
+    negative = {"encoder_hidden_states": _meta(g.batch, g.negative_length, g.text_dim, dtype=dtype)}
+    return CallBase(geometry=g, batch=batch, latent_hw=g.latent_hw, text=text,
+                    timestep=_meta(batch, dtype=torch.float32), negative=negative, dtype=dtype)
+
+
 def build_inputs(spec: FamilySpec, batch: int | None = None, dtype: torch.dtype = torch.bfloat16) -> Inputs:
     """Meta inputs for one call of the family's denoiser, and the matching negative text.
+
+    The inputs come from the ``bench_inputs`` builder of the nagkit adapter registered for ``spec.model_class`` (the
+    family's module in :mod:`nagkit.adapters`).
 
     Args:
         spec: the family (its geometry gives every shape).
@@ -311,56 +363,21 @@ def build_inputs(spec: FamilySpec, batch: int | None = None, dtype: torch.dtype 
 
     Returns:
         :class:`Inputs` for ``model(**inputs.kwargs)``.
+
+    Raises:
+        ValueError: when no registered family supports ``spec.model_class`` or it has no meta-input builder.
     """
-    g = spec.geometry
-    g.validate()
-    b = batch or g.batch
-    h, w = g.latent_hw
-    text = _meta(b, g.text_tokens, g.text_dim, dtype=dtype)
-    negative = {"encoder_hidden_states": _meta(g.batch, g.negative_length, g.text_dim, dtype=dtype)}
-    timestep = _meta(b, dtype=torch.float32)
-    kind = spec.inputs
-    if kind == "unet":
-        kwargs: dict[str, Any] = {"sample": _meta(b, g.latent_channels, h, w, dtype=dtype), "timestep": timestep,
-                                  "encoder_hidden_states": text}
-        if g.pooled_dim:
-            kwargs["added_cond_kwargs"] = {"text_embeds": _meta(b, g.pooled_dim, dtype=dtype),
-                                           "time_ids": _meta(b, g.time_ids, dtype=dtype)}
-        return Inputs(kwargs=kwargs, mask_arg="encoder_attention_mask", negative=negative)
-    if kind == "wan":
-        kwargs = {"hidden_states": _meta(b, g.latent_channels, g.latent_frames or 1, h, w, dtype=dtype),
-                  "timestep": timestep, "encoder_hidden_states": text}
-        if g.image_tokens:
-            kwargs["encoder_hidden_states_image"] = _meta(b, g.image_tokens, g.image_dim, dtype=dtype)
-        return Inputs(kwargs=kwargs, negative=negative)
-    if kind in ("pixart", "sana"):
-        kwargs = {"hidden_states": _meta(b, g.latent_channels, h, w, dtype=dtype), "timestep": timestep,
-                  "encoder_hidden_states": text}
-        if kind == "pixart":
-            kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-        if g.mask:
-            kwargs["encoder_attention_mask"] = _meta(b, g.text_tokens, dtype=torch.long)
-            negative["encoder_attention_mask"] = _meta(g.batch, g.negative_length, dtype=torch.long)
-        return Inputs(kwargs=kwargs, mask_arg="encoder_attention_mask", negative=negative)
-    if kind == "sd3":
-        kwargs = {"hidden_states": _meta(b, g.latent_channels, h, w, dtype=dtype), "timestep": timestep,
-                  "encoder_hidden_states": text, "pooled_projections": _meta(b, g.pooled_dim, dtype=dtype)}
-        return Inputs(kwargs=kwargs, negative=negative)
-    if kind in ("flux", "chroma"):
-        ph, pw = h // g.patch, w // g.patch
-        kwargs = {"hidden_states": _meta(b, ph * pw, g.latent_channels * g.patch * g.patch, dtype=dtype),
-                  "timestep": timestep, "encoder_hidden_states": text,
-                  "img_ids": _meta(ph * pw, 3, dtype=dtype), "txt_ids": _meta(g.text_tokens, 3, dtype=dtype)}
-        if kind == "flux":
-            kwargs["pooled_projections"] = _meta(b, g.pooled_dim, dtype=dtype)
-            kwargs["guidance"] = _meta(b, dtype=torch.float32)
-        elif g.mask:
-            # ChromaPipeline: the T5 padding mask (in the embeddings' dtype) extended with ones over the image tokens;
-            # not a text-only mask, so no ``mask_arg`` (nothing packs it but nagkit, which knows Chroma's layout)
-            kwargs["attention_mask"] = _meta(b, g.text_tokens + ph * pw, dtype=dtype)
-            negative["attention_mask"] = _meta(g.batch, g.negative_length, dtype=dtype)
-        return Inputs(kwargs=kwargs, negative=negative)
-    raise ValueError(f"unknown input builder {kind!r} for family {spec.name}")
+    import diffusers
+
+    from ..adapters.base import find_adapter_class
+
+    spec.geometry.validate()
+    model_class = getattr(diffusers, spec.model_class, None)
+    adapter = find_adapter_class(model_class) if isinstance(model_class, type) else None
+    if adapter is None or adapter.bench_inputs is None:
+        raise ValueError(f"no meta-input builder for family {spec.name}: no nagkit family with bench_inputs supports "
+                         f"{spec.model_class}")
+    return adapter.bench_inputs(spec, batch or spec.geometry.batch, dtype)
 
 
 def parameter_count(model: torch.nn.Module) -> int:

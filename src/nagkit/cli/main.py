@@ -32,9 +32,9 @@ EMBEDDED = "embedded"  # the model name of the embedded toy pipeline (the defaul
 
 
 def _is_tiny(model: str) -> bool:
-    from ..tiny.pipelines import TINY_PIPELINES
+    from ..adapters.base import TINY_MODELS  # filled by the family modules (``Adapter.tiny``)
 
-    return model in TINY_PIPELINES
+    return model in TINY_MODELS
 
 
 def _load_builtin(model: str) -> Any:
@@ -45,9 +45,9 @@ def _load_builtin(model: str) -> Any:
             return load_embedded_pipeline()
         except FileNotFoundError as err:
             raise CLIError(str(err)) from None
-    from ..tiny.pipelines import TINY_PIPELINES
+    from ..adapters.base import TINY_MODELS
 
-    return TINY_PIPELINES[model](seed=0)
+    return TINY_MODELS[model].builder(seed=0)
 
 
 def load_pipeline(model: str, dtype: str, device: str, offload: bool) -> Any:
@@ -189,9 +189,9 @@ def _call_kwargs(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
         for key, value in EMBEDDED_CALL_KWARGS.items():
             kwargs.setdefault(key, value)
     if _is_tiny(args.model):
-        from ..tiny.pipelines import TINY_CALL_KWARGS
+        from ..adapters.base import TINY_MODELS
 
-        for key, value in TINY_CALL_KWARGS[args.model].items():
+        for key, value in TINY_MODELS[args.model].call_kwargs.items():
             kwargs.setdefault(key, value)
         if args.model == "tiny-wan-i2v" and "image" not in kwargs:
             from ..tiny.pipelines import tiny_condition_image
@@ -249,7 +249,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import diffusers
     import torch
 
-    from .. import __version__, apply
+    from .. import __version__, apply, toy  # noqa: F401  (nagkit.toy registers the "embedded" preset)
 
     _split_model_prompt(args)
     if args.steps is None:

@@ -1,4 +1,4 @@
-"""NAG settings (one dataclass) and the per-family presets."""
+"""NAG settings (one dataclass) and the preset registry (each model family registers its own presets)."""
 
 from __future__ import annotations
 
@@ -92,34 +92,22 @@ class NAGConfig:
         return asdict(self)
 
 
-#: Defaults per model family, from the official code and the paper (see docs in README "Parameter guide").
-#: ``scale`` is ``nag_scale`` (= paper φ + 1).
-PRESETS: dict[str, NAGConfig] = {
-    # Official SDXL pipeline: alpha 0.5; README DMD2 example nag_scale 3 (paper φ=2).
-    "sdxl": NAGConfig(scale=3.0, tau=2.5, alpha=0.5),
-    # No official diffusers SD1.5 code; paper/UNet family φ=2, α=0.5 (as SDXL).
-    "sd15": NAGConfig(scale=3.0, tau=2.5, alpha=0.5),
-    # Official Wan pipeline: alpha 0.25; README: nag_scale 9 with CFG 5 (25 steps).
-    "wan": NAGConfig(scale=9.0, tau=2.5, alpha=0.25),
-    # Wan + CausVid (4 steps, no CFG): official demo / ComfyUI "Wan-Fast" workflow.
-    "wan-causvid": NAGConfig(scale=11.0, tau=3.5, alpha=0.5),
-    # Paper Table 5, SANA: φ=4, α=0.375 (pladis-vla transcription; another transcription says φ=2, α=0.5).
-    "sana": NAGConfig(scale=5.0, tau=2.5, alpha=0.375),
-    # No official PixArt code; same DiT-with-T5-cross-attention setting as SANA.
-    "pixart": NAGConfig(scale=5.0, tau=2.5, alpha=0.375),
-    # Official SD3 pipeline: alpha 0.125; README SD3.5-Large-Turbo example nag_scale 5 (paper φ=4).
-    "sd3": NAGConfig(scale=5.0, tau=2.5, alpha=0.125),
-    # Official Flux pipeline: alpha 0.25; README FLUX.1-schnell example nag_scale 5 (4 steps, no CFG).
-    "flux": NAGConfig(scale=5.0, tau=2.5, alpha=0.25),
-    # Official Kontext pipeline: nag_end 0.25 by default; README nag_scale 5.
-    "flux-kontext": NAGConfig(scale=5.0, tau=2.5, alpha=0.25, end=0.25),
-    # No official diffusers Chroma code; ComfyUI-NAG's Chroma workflow: nag_scale 5, tau 2.5, alpha 0.25.
-    "chroma": NAGConfig(scale=5.0, tau=2.5, alpha=0.25),
-    # nagkit's embedded toy model (nagkit.toy, 6 Flux blocks against FLUX.1's 57): the Flux preset barely moves it;
-    # the full NAG output (α 1) with a looser cap does. Picked among 5 settings on the quality benchmark's seeds,
-    # checked on held-out seeds (docs/quality.md, tests/test_embedded.py).
-    "embedded": NAGConfig(scale=8.0, tau=5.0, alpha=1.0),
-}
+#: Presets by name: the defaults of each model family, registered by the family's module in ``nagkit.adapters`` (with
+#: where the values come from: the official code, the paper) and, once :mod:`nagkit.toy` is imported, the embedded toy
+#: model's. ``scale`` is ``nag_scale`` (= paper φ + 1).
+PRESETS: dict[str, NAGConfig] = {}
+
+
+def register_preset(name: str, config: NAGConfig) -> NAGConfig:
+    """Register (or replace) the preset ``name``; return ``config``.
+
+    Raises:
+        TypeError: when ``config`` is not a :class:`NAGConfig`.
+    """
+    if not isinstance(config, NAGConfig):
+        raise TypeError(f"preset {name!r} must be a NAGConfig, got {type(config).__name__}")
+    PRESETS[name] = config
+    return config
 
 
 def get_preset(name: str) -> NAGConfig:

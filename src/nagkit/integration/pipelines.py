@@ -1,5 +1,8 @@
 """Which diffusers pipelines nagkit drives, and how the NAG negative of a pipeline call is made.
 
+The pipelines and their :class:`PipelineSpec` are registered by each model family's module in :mod:`nagkit.adapters`
+(``Adapter.pipelines``) into :data:`PIPELINES`, re-exported here.
+
 The NAG negative is encoded by calling the pipeline's ``encode_prompt`` once more with the *same arguments as the
 call* (device, ``num_images_per_prompt``, ``max_sequence_length``, ``clip_skip``, ``lora_scale``…), except that the
 prompt is the NAG negative and everything about CFG is switched off. So the negative sees exactly the encoder settings
@@ -14,76 +17,12 @@ every pipeline call does, starts a call; ``encode_prompt`` makes the negative ri
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..adapters.base import PIPELINES, PipelineSpec  # re-exported: filled by the family modules
 from ..core.state import NAGState, Negative
-
-
-@dataclass(frozen=True)
-class PipelineSpec:
-    """How to read one pipeline family's ``encode_prompt``.
-
-    Attributes:
-        denoisers: attribute names of the denoisers to guide (those that exist and are not None).
-        embeds_index: position of the positive text embeddings in ``encode_prompt``'s return tuple.
-        mask_index: position of the positive text mask, or None.
-        extras: denoiser argument -> position in ``encode_prompt``'s return tuple of further inputs the negative
-            branch takes from the negative's encoding (FLUX: ``{"pooled_projections": 1}``, the negative's pooled
-            embedding, as the official code). Others keep the prompt's (SD3/SDXL pooled embeddings, official).
-        count_arg: the ``num_*_per_prompt`` argument name.
-        overrides: extra ``encode_prompt`` arguments for the negative (how the pipeline encodes its CFG negative).
-        preset: default preset.
-        encoders: text encoder attributes that ``encode_prompt`` needs to encode a string.
-        embeds_args: negative field -> name of the call's own argument carrying it in embedding form
-            (``"embeds"``, ``"mask"`` and the ``extras`` keys).
-    """
-
-    denoisers: tuple[str, ...]
-    embeds_index: int = 0
-    mask_index: int | None = None
-    extras: dict[str, int] = field(default_factory=dict)
-    count_arg: str = "num_images_per_prompt"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    preset: str = ""
-    encoders: tuple[str, ...] = ("text_encoder",)
-    embeds_args: dict[str, str] = field(default_factory=lambda: {"embeds": "negative_prompt_embeds"})
-
-
-_MASKED_ARGS = {"embeds": "negative_prompt_embeds", "mask": "negative_prompt_attention_mask"}
-_SD = PipelineSpec(denoisers=("unet",), preset="sd15")
-_SDXL = PipelineSpec(denoisers=("unet",), preset="sdxl", encoders=("text_encoder_2",))
-_WAN = PipelineSpec(denoisers=("transformer", "transformer_2"), count_arg="num_videos_per_prompt", preset="wan")
-_PIXART = PipelineSpec(denoisers=("transformer",), mask_index=1, preset="pixart", embeds_args=_MASKED_ARGS)
-# Sana encodes its CFG negative without the complex human instruction; so does the NAG negative.
-_SANA = PipelineSpec(denoisers=("transformer",), mask_index=1, overrides={"complex_human_instruction": False},
-                     preset="sana", embeds_args=_MASKED_ARGS)
-
-_SD3 = PipelineSpec(denoisers=("transformer",), preset="sd3", encoders=("text_encoder", "text_encoder_2"))
-# Flux returns (prompt_embeds, pooled, text_ids); the negative branch uses the negative's pooled embedding (official).
-_FLUX_ARGS = {"embeds": "negative_prompt_embeds", "pooled_projections": "negative_pooled_prompt_embeds"}
-_FLUX = PipelineSpec(denoisers=("transformer",), extras={"pooled_projections": 1}, preset="flux",
-                     encoders=("text_encoder", "text_encoder_2"), embeds_args=_FLUX_ARGS)
-_KONTEXT = PipelineSpec(denoisers=("transformer",), extras={"pooled_projections": 1}, preset="flux-kontext",
-                        encoders=("text_encoder", "text_encoder_2"), embeds_args=_FLUX_ARGS)
-# Chroma returns (prompt_embeds, text_ids, prompt_mask, negative...); the mask keeps Chroma's own rule.
-_CHROMA = PipelineSpec(denoisers=("transformer",), mask_index=2, preset="chroma", embeds_args=_MASKED_ARGS)
-
-PIPELINES: dict[str, PipelineSpec] = {
-    "StableDiffusion3Pipeline": _SD3,
-    "FluxPipeline": _FLUX,
-    "FluxKontextPipeline": _KONTEXT,
-    "ChromaPipeline": _CHROMA,
-    "StableDiffusionPipeline": _SD,
-    "StableDiffusionXLPipeline": _SDXL,
-    "WanPipeline": _WAN,
-    "WanImageToVideoPipeline": _WAN,
-    "PixArtSigmaPipeline": _PIXART,
-    "PixArtAlphaPipeline": _PIXART,
-    "SanaPipeline": _SANA,
-}
 
 
 def pipeline_spec(pipe: object) -> PipelineSpec:
