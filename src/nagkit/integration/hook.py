@@ -17,10 +17,11 @@ import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..core.state import NAGState, Negative, Packing
+from .caches import LayoutTracker, register_innermost, remove_hook_safely, track_layout
 
 if TYPE_CHECKING:
     from ..adapters.base import Adapter
@@ -92,6 +93,8 @@ def _conditional_half(text: torch.Tensor, positive: torch.Tensor | None, rows: i
 def _drop_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The negative without the tokens every row masks out. Exact: masked keys get no attention weight, so a short
     negative padded to the encoder's length (Sana, PixArt: 300 tokens) costs only its own tokens."""
+    if mask.device.type == "meta":  # no values to read (FLOP counting): the bench builds short negatives itself
+        return embeds, mask
     keep = (mask != 0).any(dim=0)
     if bool(keep.all()) or not bool(keep.any()):
         return embeds, mask
@@ -270,6 +273,7 @@ class NAGDenoiserHook(ModelHook):
         self.swap = ProcessorSwap(adapter, modules, state)
         self.access: ArgAccess | None = None
         self.cache_context = StateManager(_NoState)  # receives the pipeline's CacheContext
+        self.layouts = LayoutTracker()  # text layout of the last call per context: foreign caches follow it
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.access = ArgAccess(type(module).forward)
@@ -284,6 +288,7 @@ class NAGDenoiserHook(ModelHook):
         if name not in UNCOND_CONTEXTS:
             plan = plan_call(self.adapter, state, self.access, args, kwargs, module, self.pipeline,
                              named=name is not None)
+        track_layout(module, self.layouts, name, None if plan is None else plan[2])  # caches: text length changed?
         if plan is None:
             state.calls["unguided"] += 1
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -299,7 +304,8 @@ class NAGDenoiserHook(ModelHook):
             self.swap.restore(undo)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        # Called by the pipeline at the end of every call (``maybe_free_model_hooks``).
+        # Called by the pipeline at the end of every call (``maybe_free_model_hooks``), as every cache's reset.
+        self.layouts.reset()
         if self.pipeline is not None:
             self.state.end_call()
         return module
@@ -340,7 +346,7 @@ def install_hook(module: torch.nn.Module, hook: ModelHook) -> dict[str, Any]:
         "forward": module.__dict__.get("forward"),
         "created_registry": not hasattr(module, "_diffusers_hook"),
     }
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+    register_innermost(module, hook, HOOK_NAME)  # inside caches and offloading, whichever came first
     if offload is not None:
         add_hook_to_module(module, offload)
     return record
@@ -353,15 +359,7 @@ def uninstall_hook(module: torch.nn.Module, record: dict[str, Any]) -> None:
     offload = _accelerate_hook(module)
     if offload is not None:
         remove_hook_from_module(module)
-    registry = getattr(module, "_diffusers_hook", None)
-    if registry is not None and HOOK_NAME in registry.hooks:
-        registry.remove_hook(HOOK_NAME, recurse=False)
-        if not registry.hooks:  # ours was the only hook: put ``forward`` back exactly as it was
-            if record["had_forward"]:
-                module.forward = record["forward"]
-            else:
-                module.__dict__.pop("forward", None)
-            if record["created_registry"]:
-                del module._diffusers_hook
+    # keeps the other hooks running; when ours was the last one, ``forward`` and the registry go back as recorded
+    remove_hook_safely(module, HOOK_NAME, record)
     if offload is not None:
         add_hook_to_module(module, offload)
