@@ -31,6 +31,21 @@ def flux():
     return TINY_PIPELINES["tiny-flux"](seed=0)
 
 
+def flux_call(model, pooled=True):
+    """Seeded inputs of one bare FLUX transformer call and a NAG negative for it."""
+    g = torch.Generator().manual_seed(0)
+    li, lt, dim = 16, 6, model.config.joint_attention_dim
+    inputs = dict(hidden_states=torch.randn(1, li, model.config.in_channels, generator=g),
+                  encoder_hidden_states=torch.randn(1, lt, dim, generator=g),
+                  pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g),
+                  timestep=torch.tensor([0.6]), img_ids=torch.randn(li, 3, generator=g), txt_ids=torch.zeros(lt, 3),
+                  return_dict=False)
+    negative = {"encoder_hidden_states": torch.randn(1, 4, dim, generator=g)}
+    if pooled:
+        negative["pooled_projections"] = torch.randn(1, model.config.pooled_projection_dim, generator=g)
+    return inputs, negative
+
+
 def _attn2(unet):
     return {n: m for n, m in unet.named_modules() if n.endswith("attn2")}
 
@@ -209,15 +224,7 @@ def test_pipeline_without_text_encoders_takes_embedding_negatives(name):
 # ---------------------------------------------------------------------------------------------------- finding 6
 def test_layerwise_casting_fp8_storage(flux):
     model = TINY_PIPELINES["tiny-flux"](seed=0).transformer
-    g = torch.Generator().manual_seed(0)
-    li, lt, dim = 16, 6, model.config.joint_attention_dim
-    inputs = dict(hidden_states=torch.randn(1, li, model.config.in_channels, generator=g),
-                  encoder_hidden_states=torch.randn(1, lt, dim, generator=g),
-                  pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g),
-                  timestep=torch.tensor([0.6]), img_ids=torch.randn(li, 3, generator=g), txt_ids=torch.zeros(lt, 3),
-                  return_dict=False)
-    negative = {"encoder_hidden_states": torch.randn(1, 4, dim, generator=g),
-                "pooled_projections": torch.randn(1, model.config.pooled_projection_dim, generator=g)}
+    inputs, negative = flux_call(model)
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     with torch.no_grad():
         plain = model(**inputs)[0]
@@ -303,14 +310,7 @@ def test_guided_attention_uses_the_module_backend(flux, backend):
     from diffusers.models import attention_dispatch as ad
 
     model = flux.transformer
-    g = torch.Generator().manual_seed(0)
-    li, lt, dim = 16, 6, model.config.joint_attention_dim
-    inputs = dict(hidden_states=torch.randn(1, li, model.config.in_channels, generator=g),
-                  encoder_hidden_states=torch.randn(1, lt, dim, generator=g),
-                  pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g),
-                  timestep=torch.tensor([0.6]), img_ids=torch.randn(li, 3, generator=g), txt_ids=torch.zeros(lt, 3),
-                  return_dict=False)
-    negative = {"encoder_hidden_states": torch.randn(1, 4, dim, generator=g)}
+    inputs, negative = flux_call(model, pooled=False)
     with torch.no_grad(), nagkit.apply(model, negative=negative, scale=5.0, alpha=0.5):
         default = model(**inputs)[0]
         name = ad.AttentionBackendName(backend)
