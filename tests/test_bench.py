@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import nagkit
 from nagkit.bench import (
     TIME_VARIANTS,
     FamilySpec,
@@ -28,15 +29,18 @@ from nagkit.bench.reference import OFFICIAL_WAY, OfficialLayout, official_proces
 from nagkit.bench.report import (
     COLUMNS,
     MARKER,
+    SHORT_COLUMNS,
+    TIME_COLUMNS,
     memory_rows,
     render_markdown,
     render_terminal,
+    short_negative_rows,
     table_rows,
     time_rows,
     write_json,
     write_markdown,
 )
-from nagkit.bench.timing import SEPARATE_CFG, PeakMemory, materialize
+from nagkit.bench.timing import SEPARATE_CFG, PeakMemory, build_timing_model, materialize, prime_calls, variant_calls
 from nagkit.cli.main import main
 
 TINY_UNET = FamilySpec(
@@ -258,6 +262,70 @@ def test_negative_length_and_batch_scale_the_overhead():
     assert batched["nag"].overhead == pytest.approx(base["nag"].overhead, rel=1e-12)
 
 
+def test_short_negative_on_masked_families():
+    """Families whose padded negatives nagkit shortens also get NAG with a short negative; the others do not."""
+    result = run_family(TINY_PIXART, short_negative=2)
+    short = result.short_negative
+    assert short is not None and (short.tokens, short.padded_tokens) == (2, TINY_PIXART.geometry.text_tokens)
+    assert short.nag_padded == result.variants["nag"].overhead
+    assert 0 < short.nag < short.nag_padded and short.nag == pytest.approx(short.min, abs=1e-12)  # still minimal
+    assert short.target is None and short.meets_target is None and not result.notes
+    # the short count is the count of a negative built at the short length
+    spec = TINY_PIXART.with_geometry(negative_tokens=2)
+    assert short.nag == run_family(spec, short_negative=None).variants["nag"].overhead
+    assert run_family(TINY_UNET).short_negative is None  # no text mask: every negative token is computed
+    assert bench_flops.drops_padding(TINY_PIXART) and not bench_flops.drops_padding(TINY_UNET)
+    assert TINY_CHROMA.geometry.mask and not bench_flops.drops_padding(TINY_CHROMA)  # Chroma keeps its padding
+    assert run_family(TINY_CHROMA, short_negative=2).short_negative is None
+    assert run_family(TINY_PIXART, short_negative=None).short_negative is None
+    assert run_family(TINY_PIXART, short_negative=6).short_negative is None  # not shorter than the negative
+    report = bench_flops.run_flops([TINY_UNET, TINY_PIXART], short_negative=2)
+    assert report["short_negative_tokens"] == 2
+    rows = short_negative_rows(report)
+    assert len(rows) == 1 and len(rows[0]) == len(SHORT_COLUMNS) and rows[0][0].startswith("tiny PixArt")
+    assert rows[0][1] == "2 valid, padded to 6" and rows[0][3] == f"+{short.nag * 100:.2f}%"
+    json.loads(json.dumps(report))
+    assert "NAG with a short negative" in render_terminal(report)
+    page = render_markdown(report)
+    assert "### Short negatives (PixArt, Sana)" in page and "| tiny PixArt (64×64) | 2 valid, padded to 6 |" in page
+    assert "short negative" not in render_terminal(bench_flops.run_flops([TINY_UNET]))
+
+
+def test_short_negative_target_is_reported(monkeypatch):
+    monkeypatch.setitem(bench_flops.SHORT_NEGATIVE_TARGETS, "tiny-pixart", 0.5)
+    report = bench_flops.run_flops([TINY_PIXART], short_negative=2)
+    assert report["families"][0]["short_negative"]["target"] == 0.5
+    assert short_negative_rows(report)[0][-1] == "≤ +50.0%: met"
+    monkeypatch.setitem(bench_flops.SHORT_NEGATIVE_TARGETS, "tiny-pixart", 1e-6)
+    assert short_negative_rows(bench_flops.run_flops([TINY_PIXART], short_negative=2))[0][-1].endswith("**not met**")
+
+
+def test_padded_negative_costs_its_valid_tokens():
+    """What the short-negative count relies on: a negative padded with masked tokens costs (and gives) exactly what
+    the same negative without its padding does (real tensors: the mask values are known here)."""
+    model = build_timing_model(TINY_PIXART, torch.device("cpu"), torch.float32, seed=0)
+    g = torch.Generator().manual_seed(0)
+    inputs = materialize(build_inputs(TINY_PIXART, dtype=torch.float32), TINY_PIXART, torch.device("cpu"),
+                         torch.float32, g)
+    valid = 2
+    padded = inputs.negative["encoder_hidden_states"]
+    mask = torch.zeros(padded.shape[:2], dtype=torch.long)
+    mask[:, :valid] = 1
+    short = {"encoder_hidden_states": padded[:, :valid].clone(), "encoder_attention_mask": mask[:, :valid].clone()}
+    counted, outputs = [], []
+    for negative in ({"encoder_hidden_states": padded, "encoder_attention_mask": mask}, short):
+        with nagkit.apply(model, negative=negative, scale=5.0):
+            counted.append(bench_flops.count_flops(lambda: outputs.append(model(**inputs.kwargs).sample)))
+    assert counted[0] == counted[1]
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        plain = model(**inputs.kwargs).sample
+        full = {"encoder_hidden_states": padded, "encoder_attention_mask": torch.ones_like(mask)}
+        with nagkit.apply(model, negative=full, scale=5.0):
+            unpadded = bench_flops.count_flops(lambda: model(**inputs.kwargs))
+    assert unpadded > counted[0] and not torch.allclose(outputs[0], plain, atol=1e-4)
+
+
 def test_unsupported_nag_is_reported_not_raised(monkeypatch):
     import nagkit
 
@@ -369,13 +437,19 @@ def test_cli_bench(tmp_path, monkeypatch, capsys):
     import nagkit.bench
 
     monkeypatch.setattr(nagkit.bench, "load_families", lambda: {"tiny-pixart": TINY_PIXART})
-    rc = main(["bench", "--family", "tiny-pixart", "--negative-length", "9", "--json", str(tmp_path / "r.json"),
-               "--markdown", str(tmp_path / "b.md"), "--quiet"])
+    rc = main(["bench", "--family", "tiny-pixart", "--negative-length", "9", "--short-negative", "3", "--json",
+               str(tmp_path / "r.json"), "--markdown", str(tmp_path / "b.md"), "--quiet"])
     assert rc == 0
     assert "tiny PixArt" in capsys.readouterr().out
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["families"][0]["geometry"]["negative_tokens"] == 9
-    assert (tmp_path / "b.md").exists()
+    short = data["families"][0]["short_negative"]
+    assert (short["tokens"], short["padded_tokens"]) == (3, 9) and 0 < short["nag"] < short["nag_padded"]
+    assert "Short negatives (PixArt, Sana)" in (tmp_path / "b.md").read_text()
+    assert main(["bench", "--family", "tiny-pixart", "--short-negative", "0", "--json", str(tmp_path / "s.json"),
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["families"][0]["short_negative"] is None
+    assert main(["bench", "--family", "tiny-pixart", "--short-negative", "-1"]) == 2
     assert main(["bench", "--family", "nope"]) == 2
     assert main(["bench", "--family", "tiny-pixart", "--height", "60"]) == 2
     assert "unknown family nope" in capsys.readouterr().err
@@ -443,6 +517,16 @@ def test_time_mode_smoke(tmp_path):
     assert {"flux", "chroma"} <= SEPARATE_CFG
     json.loads(json.dumps(report))
     assert len(time_rows(report)) == 3 and len(memory_rows(report)) == 3
+    assert all(len(row) == len(TIME_COLUMNS) for row in time_rows(report))
+    assert report["settings"]["nag_combine"].startswith(("compiled", "eager"))  # tiny tensors: eager
+    # masked text: a quarter of the negative is padding, which nagkit drops: nag FLOPs count the valid tokens
+    pixart, flux = report["families"][0]["geometry"], report["families"][1]["geometry"]
+    assert (pixart["negative_tokens"], pixart["negative_valid_tokens"]) == (6, 5)
+    assert flux["negative_valid_tokens"] == flux["negative_tokens"]
+    assert "6 (5 valid)" in time_rows(report)[0][3]
+    short = TINY_PIXART.with_geometry(negative_tokens=5)  # counted on the real inputs: the valid tokens only
+    meta = bench_flops.count_guided(bench_flops.build_model(short), build_inputs(short), "fast")[0]
+    assert report["families"][0]["variants"]["nag"]["flops"] == meta
     assert "tiny FLUX" in render_terminal(report)
     # the time section replaces only its own part of the page
     page = tmp_path / "benchmarks.md"
@@ -455,15 +539,32 @@ def test_time_mode_smoke(tmp_path):
     assert "nagkit bench --mode time --markdown docs/benchmarks.md" in text and "| tiny FLUX (64×64) |" in text
 
 
+def test_time_mode_primes_every_installing_call_once():
+    """One-time work (compiling the NAG combination on the first guided call) happens before the rounds."""
+    model = build_timing_model(TINY_FLUX, torch.device("cpu"), torch.float32, seed=0)
+    g = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    inputs = materialize(build_inputs(TINY_FLUX, dtype=torch.float32), TINY_FLUX, cpu, torch.float32, g)
+    cfg = materialize(build_inputs(TINY_FLUX, batch=2, dtype=torch.float32), TINY_FLUX, cpu, torch.float32, g)
+    plans = variant_calls(model, TINY_FLUX, inputs, cfg)
+    primed = [id(c) for c in prime_calls(plans)]
+    guided = [plans["nag"][0], plans["official"][0], plans["nag+cfg"][1]]
+    assert primed == [id(c) for c in guided]  # plain calls need no priming
+
+
 def test_cli_bench_time(tmp_path, monkeypatch, capsys):
     import nagkit.bench
 
     monkeypatch.setattr(nagkit.bench, "load_families", lambda: {"tiny-sd3": TINY_SD3})
-    rc = main(["bench", "--mode", "time", "--repeats", "1", "--warmup", "0", "--json", str(tmp_path / "t.json"),
-               "--quiet"])
+    threads = torch.get_num_threads()
+    rc = main(["bench", "--mode", "time", "--repeats", "1", "--warmup", "0", "--threads", "1", "--json",
+               str(tmp_path / "t.json"), "--quiet"])
     assert rc == 0 and "tiny SD3" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # restored
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["mode"] == "time" and data["settings"]["dtype"] == "float32"
+    assert data["machine"]["torch_threads"] == 1
+    assert main(["bench", "--mode", "time", "--threads", "0"]) == 2
     assert data["families"][0]["variants"]["official"]["calls"] == 1
 
 

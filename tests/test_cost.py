@@ -1,8 +1,10 @@
-"""Exact FLOP overhead of NAG on a full-size FLUX.1-dev config (meta device, no weights, seconds)."""
+"""Exact FLOP overhead of NAG on full-size configs (FLUX.1-dev; Sana-1.6B with a short negative): meta device, no
+weights, seconds."""
 
 import json
 from importlib.resources import files
 
+import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
@@ -33,3 +35,19 @@ def test_flux_dev_fast_overhead_target():
     assert fast / base - 1 <= 0.15  # target: <= +15 % (measured +13.1 %)
     assert short / base - 1 <= 0.05  # a 128-token negative: +3.2 %
     assert fast > base and short > base
+
+
+def test_sana_short_negative_overhead_target():
+    """Sana-1.6B at 1024² (full-size config, meta device): a few-word negative padded to 300 tokens costs only its
+    valid tokens (nagkit drops the padding), at most +1 % FLOPs; every one of the 300 tokens counted: +6.1 %."""
+    from nagkit.bench import load_families
+    from nagkit.bench.flops import SHORT_NEGATIVE_TARGETS, SHORT_NEGATIVE_TOKENS, run_family
+
+    result = run_family(load_families()["sana-1.6b"], short_negative=SHORT_NEGATIVE_TOKENS)
+    short = result.short_negative
+    assert short is not None and (short.tokens, short.padded_tokens) == (8, 300)
+    assert short.nag_padded == result.variants["nag"].overhead
+    assert 0.060 < short.nag_padded < 0.063  # +6.12 %: the negative as long as the prompt
+    assert short.target == SHORT_NEGATIVE_TARGETS["sana-1.6b"] == 0.01
+    assert 0 < short.nag <= 0.01 and short.meets_target  # measured +0.16 %
+    assert short.nag == pytest.approx(short.min, abs=1e-12)  # and still the analytic minimum

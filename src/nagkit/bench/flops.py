@@ -24,6 +24,13 @@ Variants (``B`` = prompts per call):
   which is the same FLUX way;
 * ``min``: the analytic minimum of any NAG implementation: the negative's per-token text layers, and in every
   text cross-attention the negative's key/value projections plus the image-query × negative-key attention.
+
+Short negatives (families whose padded negatives nagkit shortens, :func:`drops_padding`: PixArt, Sana). A pipeline
+pads the negative to the text encoder's length (300 tokens on Sana) and marks the padding in the mask; nagkit drops
+the padded tokens before the denoiser (exact there: padded keys get no attention weight), so a few-word negative
+costs only its valid tokens. Meta tensors have no mask values, so this is counted with the negative built at its
+valid length (:data:`SHORT_NEGATIVE_TOKENS`), next to the every-token count of the ``nag`` column
+(:class:`ShortNegative`); :data:`SHORT_NEGATIVE_TARGETS` holds the targets.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ from .families import FamilySpec, Inputs, build_inputs, build_model, parameter_c
 from .reference import OFFICIAL_WAY, OfficialLayout, official_processors, text_cross_attention_modules
 
 VARIANTS = ("none", "cfg", "nag", "nag-official", "nag+cfg", "official", "min")
+#: Valid tokens of the realistic short negative counted where nagkit drops padding (a few words: "blurry, low quality").
+SHORT_NEGATIVE_TOKENS = 8
+#: Largest NAG FLOP overhead allowed with the short negative, per family (issue 12: Sana-1.6B at 1024², ≤ +1 %).
+SHORT_NEGATIVE_TARGETS = {"sana-1.6b": 0.01}
 NOT_SUPPORTED = "NAG: not supported yet"
 FAILED = "NAG failed"
 NOT_APPLICABLE = "n/a"  # a variant that does not exist for the family (e.g. nagkit's mode="official" on Chroma)
@@ -114,6 +125,38 @@ class VariantResult:
 
 
 @dataclass
+class ShortNegative:
+    """NAG with a short negative on a masked family, next to the negative padded to the text length.
+
+    Attributes:
+        tokens: valid tokens of the short negative.
+        padded_tokens: the padded length (the ``nag`` column's negative).
+        nag_padded: nagkit's overhead with the padded negative (the ``nag`` column; every token counted).
+        nag: nagkit's overhead with the short negative (its valid tokens only).
+        nag_flops: FLOPs of that guided forward.
+        min: the analytic minimum with the short negative (as the ``min`` column).
+        target: the family's target for ``nag`` (:data:`SHORT_NEGATIVE_TARGETS`), or None.
+        note: why a number is missing.
+    """
+
+    tokens: int
+    padded_tokens: int
+    nag_padded: float | None = None
+    nag: float | None = None
+    nag_flops: int | None = None
+    min: float | None = None
+    target: float | None = None
+    note: str = ""
+
+    @property
+    def meets_target(self) -> bool | None:
+        """Whether ``nag`` is within ``target`` (None without a target or a count)."""
+        if self.target is None or self.nag is None:
+            return None
+        return self.nag <= self.target
+
+
+@dataclass
 class FamilyResult:
     """Everything measured for one family.
 
@@ -134,6 +177,7 @@ class FamilyResult:
             Chroma the single blocks' work on the negative row's image copy (:func:`image_copy_flops`); or None.
         official_check_base: the variant ``official_check_flops`` is relative to: ``nag-official``, or ``nag`` where
             nagkit has no official mode (Chroma).
+        short_negative: NAG with a short negative (:class:`ShortNegative`) where nagkit drops padding, else None.
         notes: remarks for the report.
         seconds: wall time of the counting.
     """
@@ -150,6 +194,7 @@ class FamilyResult:
     min_check_flops: int | None = None
     official_check_flops: int | None = None
     official_check_base: str | None = None
+    short_negative: ShortNegative | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -359,12 +404,16 @@ def count_guided(model: torch.nn.Module, inputs: Inputs, mode: str, two_attentio
     return flops, ""
 
 
-def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) -> FamilyResult:
+def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None,
+               short_negative: int | None = SHORT_NEGATIVE_TOKENS) -> FamilyResult:
     """Count every variant of one family.
 
     Args:
         spec: the family and its geometry (batch, negative length included).
         progress: optional callback receiving one line per counted variant.
+        short_negative: on families whose padded negatives nagkit shortens (:func:`drops_padding`), also count NAG
+            with a negative of this many valid tokens (:class:`ShortNegative`); None or 0: not counted. Not counted
+            either when the negative is not longer.
 
     Returns:
         The :class:`FamilyResult`.
@@ -462,16 +511,81 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None) 
 
     if variants["nag"].overhead is not None and variants["min"].overhead is not None:
         result.nag_minus_min = variants["nag"].overhead - variants["min"].overhead
+    if short_negative and g.negative_length > short_negative and drops_padding(spec):
+        result.short_negative = count_short_negative(model, spec, short_negative, variants, shapes)
+        short = result.short_negative
+        if short.note:
+            result.notes.append(f"short negative ({short.tokens} tokens): {short.note}")
+        say(f"  {spec.name:<15} {'nag, ' + str(short.tokens) + ' tok':<12} "
+            + (f"{short.nag_flops / 1e12:12.4f} TFLOPs" if short.nag_flops is not None else short.note))
     result.seconds = time.perf_counter() - started
     return result
 
 
-def run_flops(specs: list[FamilySpec], progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def drops_padding(spec: FamilySpec) -> bool:
+    """Whether nagkit drops a masked negative's padded tokens on this family (``Adapter.drop_padding``: where that
+    is exact — PixArt, Sana), so that a short negative padded to the text length costs only its valid tokens.
+
+    Args:
+        spec: the family.
+
+    Returns:
+        True for a family with a text mask whose nagkit adapter drops the padding.
+    """
+    import diffusers
+
+    from ..adapters.base import find_adapter_class
+
+    if not spec.geometry.mask:
+        return False
+    model_class = getattr(diffusers, spec.model_class, None)
+    adapter = find_adapter_class(model_class) if isinstance(model_class, type) else None
+    return bool(adapter is not None and adapter.drop_padding)
+
+
+def count_short_negative(model: torch.nn.Module, spec: FamilySpec, tokens: int, variants: dict[str, VariantResult],
+                         shapes: dict[str, _AttnShape]) -> ShortNegative:
+    """NAG's overhead on a masked family with a negative of ``tokens`` valid tokens.
+
+    nagkit drops a masked negative's padded tokens before the denoiser, so a short negative padded to the text
+    length costs what the same negative built at its valid length costs; on meta tensors (no mask values) that is
+    what is counted. The analytic minimum is recounted at that length.
+
+    Args:
+        model: the meta model.
+        spec: the family (its geometry's negative is the padded one).
+        tokens: valid tokens of the short negative.
+        variants: the family's variants counted so far (``none``, ``nag``).
+        shapes: per-module query lengths recorded during the base forward (cross attention).
+
+    Returns:
+        The :class:`ShortNegative`.
+    """
+    g = spec.geometry
+    base = variants["none"].flops
+    short = ShortNegative(tokens=tokens, padded_tokens=g.negative_length, nag_padded=variants["nag"].overhead,
+                          target=SHORT_NEGATIVE_TARGETS.get(spec.name))
+    short_spec = spec.with_geometry(negative_tokens=tokens)
+    flops, why = count_guided(model, build_inputs(short_spec), "fast")
+    if flops is None or not base:
+        short.note = why or "no base count"
+        return short
+    short.nag_flops, short.nag = flops, flops / base - 1
+    if spec.attention == "cross":
+        short.min = analytic_minimum(model, short_spec, shapes) / base
+    elif spec.joint_attention:
+        short.min = joint_minimum(model, short_spec) / base
+    return short
+
+
+def run_flops(specs: list[FamilySpec], progress: Callable[[str], None] | None = None,
+              short_negative: int | None = SHORT_NEGATIVE_TOKENS) -> dict[str, Any]:
     """Run FLOP mode on several families.
 
     Args:
         specs: the families (with their geometry already adjusted).
         progress: optional callback receiving progress lines.
+        short_negative: valid tokens of the short negative (:func:`drops_padding` families; None or 0: not counted).
 
     Returns:
         A JSON-ready report: ``{"mode", "versions", "attention_check", "families": [FamilyResult.to_dict()...],
@@ -494,9 +608,10 @@ def run_flops(specs: list[FamilySpec], progress: Callable[[str], None] | None = 
     for spec in specs:
         if progress:
             progress(f"{spec.title} ({spec.model_class}) ...")
-        results.append(run_family(spec, progress))
+        results.append(run_family(spec, progress, short_negative))
     return {
         "mode": "flops",
+        "short_negative_tokens": short_negative or None,
         "versions": {"nagkit": nagkit.__version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
         "attention_check": {device: {"counted": c, "expected": e} for device, (c, e) in checks.items()},
         "families": [r.to_dict() for r in results],

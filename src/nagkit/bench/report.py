@@ -20,9 +20,11 @@ FLOP_VARIANTS = ("cfg", "nag", "nag-official", "nag+cfg", "official", "min")  # 
 SHORT_NOTES = {"nag": "not supported yet", "nag-official": "not supported yet", "nag+cfg": "not supported yet",
                "official": "n/a", "min": "n/a"}
 TIME_COLUMNS = ("family (reduced)", "params", "image tok", "text tok", "none", "cfg", "nag", "official", "nag+cfg",
-                "± rounds")
+                "nag time ÷ FLOPs", "± rounds")
 MEMORY_COLUMNS = ("family (reduced)", "none", "cfg", "nag", "official", "nag+cfg")
 TIMED = ("cfg", "nag", "official", "nag+cfg")
+SHORT_COLUMNS = ("family (masked text)", "negative tokens", "nag, every token counted", "nag, short negative",
+                 "min, short negative", "target")
 MARKER = "<!-- nagkit-bench:{mode}:{edge} -->"
 
 
@@ -90,6 +92,48 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def short_negative_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per masked family with a short-negative count, in :data:`SHORT_COLUMNS` order.
+
+    Args:
+        report: the dict returned by :func:`nagkit.bench.run_flops`.
+
+    Returns:
+        The rows (empty when no family has a text mask or the count was turned off).
+    """
+    rows = []
+    for fam in report["families"]:
+        short = fam.get("short_negative")
+        if not short:
+            continue
+        target = short.get("target")
+        if target is None:
+            verdict = ""
+        elif short["nag"] is None:
+            verdict = f"≤ {_percent(target)}: not counted"
+        else:
+            verdict = f"≤ {_percent(target)}: " + ("met" if short["nag"] <= target else "**not met**")
+        rows.append([f"{fam['title']} ({_geometry(fam)})",
+                     f"{short['tokens']} valid, padded to {short['padded_tokens']}",
+                     _percent(short["nag_padded"]) or "n/a",
+                     _percent(short["nag"]) or _short_note(short["note"]),
+                     _percent(short["min"]) or "n/a", verdict])
+    return rows
+
+
+def _short_note(note: str) -> str:
+    if note.startswith("NAG failed"):
+        return "failed"
+    return "not supported yet" if note.startswith("NAG: not supported") else "n/a"
+
+
+def _short_tokens(report: dict[str, Any]) -> int | None:
+    for fam in report["families"]:
+        if fam.get("short_negative"):
+            return fam["short_negative"]["tokens"]
+    return report.get("short_negative_tokens")
+
+
 def _render_table(title: str, columns: tuple[str, ...], rows: list[list[str]], footer: str) -> str:
     """One table as text (rich when installed, else plain aligned columns)."""
     try:
@@ -129,7 +173,12 @@ def render_terminal(report: dict[str, Any]) -> str:
                                memory_rows(report), f"measured in {report['seconds']:.1f} s")
         return timing + "\n\n" + memory
     title = "FLOP overhead of negative guidance over one conditional pass (exact counts, meta device)"
-    return _render_table(title, COLUMNS, table_rows(report), f"counted in {report['seconds']:.1f} s")
+    text = _render_table(title, COLUMNS, table_rows(report), f"counted in {report['seconds']:.1f} s")
+    short = short_negative_rows(report)
+    if short:
+        text += "\n\n" + _render_table("NAG with a short negative (its padding dropped: PixArt, Sana)",
+                                         SHORT_COLUMNS, short, "")
+    return text
 
 
 def _machine(report: dict[str, Any]) -> str:
@@ -169,9 +218,9 @@ def time_rows(report: dict[str, Any]) -> list[list[str]]:
         report: the dict returned by :func:`nagkit.bench.run_time`.
 
     Returns:
-        The rows: the ``none`` time, then each variant's time overhead with its FLOP overhead in brackets, then the
-        round-to-round spread: half the widest per-round range of the ``nag`` and ``official`` overheads, in
-        percentage points.
+        The rows: the ``none`` time, then each variant's time overhead with its FLOP overhead in brackets, the ratio
+        of nagkit's time overhead to its FLOP overhead, then the round-to-round spread: half the widest per-round
+        range of the ``nag`` and ``official`` overheads, in percentage points.
     """
     rows = []
     for fam in report["families"]:
@@ -179,6 +228,9 @@ def time_rows(report: dict[str, Any]) -> list[list[str]]:
         image = f"{g['image_tokens']:,}" + (f" (+{g['image_context_tokens']} ctx)" if g["image_context_tokens"] else "")
         text = f"{g['text_tokens']}" + (f" / neg {g['negative_tokens']}" if g["negative_tokens"] != g["text_tokens"]
                                         else "")
+        valid = g.get("negative_valid_tokens", g["negative_tokens"])
+        if valid != g["negative_tokens"]:
+            text += f" ({valid} valid)"
         cells = [_title(fam), f"{fam['params'] / 1e6:.0f}M", image, text, _ms(variants["none"]["median_s"])]
         for name in TIMED:
             v = variants[name]
@@ -186,10 +238,19 @@ def time_rows(report: dict[str, Any]) -> list[list[str]]:
                 cells.append("failed" if v["note"].startswith("failed") else "n/a")
             else:
                 cells.append(f"{_percent(v['overhead'])} ({_percent(v['flop_overhead'])})")
+        cells.append(_time_flop_ratio(variants["nag"]))
         ranges = [variants[n]["overhead_range"] for n in ("nag", "official") if variants[n]["overhead_range"]]
         cells.append(f"±{max(hi - lo for lo, hi in ranges) * 50:.1f} pp" if ranges else "n/a")
         rows.append(cells)
     return rows
+
+
+def _time_flop_ratio(variant: dict[str, Any]) -> str:
+    """``time overhead / FLOP overhead`` of a variant (``×1.00``: it costs what its FLOPs say), or ``n/a``."""
+    time, flops = variant.get("overhead"), variant.get("flop_overhead")
+    if time is None or not flops or flops <= 0:
+        return "n/a"
+    return f"×{time / flops:.2f}"
 
 
 def memory_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -326,6 +387,23 @@ def render_flops_section(report: dict[str, Any], chart: str | None) -> str:
         *_table(COLUMNS, table_rows(report)),
         "",
     ]
+    short = short_negative_rows(report)
+    if short:
+        lines += [
+            "### Short negatives (PixArt, Sana)",
+            "",
+            "A pipeline pads the negative to the text encoder's length and marks the padding in its text mask; on "
+            "PixArt and Sana nagkit drops the padded tokens before the denoiser (exact there: padded keys get no "
+            "attention weight), so a few-word negative costs only its valid tokens. The table above "
+            "counts every token of a negative as long as the prompt; here the same family with a realistic short "
+            f"negative ({_short_tokens(report)} valid tokens, e.g. \"blurry, low quality, watermark\"). "
+            "Meta tensors carry no mask values, so the short negative is built at its valid length, which is what the "
+            "dropped padding leaves. The other families compute every negative token (no mask: SD, Wan, SD3, FLUX; "
+            "Chroma, whose padding is not dropped): use a shorter `negative_max_length` there.",
+            "",
+            *_table(SHORT_COLUMNS, short),
+            "",
+        ]
     if chart:
         lines += [f"![FLOP overhead per family (log scale)]({chart})", ""]
     lines += [
@@ -433,6 +511,25 @@ def _cpu_line(report: dict[str, Any]) -> str:
             f"{settings['dtype']}")
 
 
+def _time_command(settings: dict[str, Any]) -> str:
+    """The command that regenerates the time section with this report's settings (threads, repeats)."""
+    command = REGENERATE_TIME
+    if settings.get("repeats", 4) != 4:
+        command += f" --repeats {settings['repeats']}"
+    if settings.get("threads"):
+        command += f" --threads {settings['threads']}"
+    return command
+
+
+def _combine_words(settings: dict[str, Any]) -> str:
+    mode = settings.get("nag_combine")
+    if mode is None:
+        return "ran eager (this report predates the compiled combination)"
+    if mode.startswith("compiled"):
+        return "ran compiled (`torch.compile`, inductor; `NAGKIT_COMPILE=0` runs it eager)"
+    return f"ran {mode}"
+
+
 def render_time_section(report: dict[str, Any]) -> str:
     """The time section of the benchmarks page (Markdown): machine, tables, reduced configs, method.
 
@@ -453,13 +550,16 @@ def render_time_section(report: dict[str, Any]) -> str:
     lines = [
         "## Wall time per denoising step (time mode)",
         "",
-        f"Regenerate with `{REGENERATE_TIME}` (this run: {report['seconds']:.0f} s; add `--json PATH` for the raw "
-        "per-round times).",
+        f"Regenerate with `{_time_command(settings)}` (this run: {report['seconds']:.0f} s; add `--json PATH` for "
+        "the raw per-round times).",
         "",
         f"Measured on: {_cpu_line(report)}. Per-call time of the denoiser on **reduced configs** (real seeded random "
         f"weights; listed below), median of {settings['repeats']} interleaved rounds after {settings['warmup']} "
-        "warm-up round(s). Each cell: wall-time overhead over `none`, and in brackets the exact FLOP overhead of the "
-        "same reduced config. **± rounds**: half the widest round-to-round range of the nag and official overheads, "
+        f"warm-up round(s); nagkit's NAG combination {_combine_words(settings)}. Each cell: wall-time overhead "
+        "over `none`, and in brackets the exact FLOP overhead of the "
+        "same reduced config. **nag time ÷ FLOPs**: nagkit's wall-time overhead divided by its FLOP overhead (×1.00: "
+        "it costs exactly what its extra FLOPs say; above: elementwise work, extra kernel calls and copies that a FLOP "
+        "count does not see). **± rounds**: half the widest round-to-round range of the nag and official overheads, "
         "in percentage points: differences smaller than that are noise (this is a shared 2-vCPU VM; single rounds "
         "sometimes stall). The absolute times only describe this machine; the ratios are the result.",
         "",
@@ -493,8 +593,10 @@ def render_time_section(report: dict[str, Any]) -> str:
         "every row), so for the batched-CFG families **nag+cfg − cfg** also contains the difference between one "
         "call of batch 2 and two calls of batch 1.",
         "* Timing: only the forward calls are timed (`time.perf_counter` on CPU; CUDA events after a synchronize "
-        "on GPU); installing/removing NAG or the reference processors happens outside. One plain forward first, "
-        "then all variants round-robin (each round starts one variant later); the first "
+        "on GPU); installing/removing NAG or the reference processors happens outside. One plain forward and one "
+        "call of each variant that installs something first, untimed (one-time work: the first forward, the "
+        "compilation of nagkit's NAG combination), then all variants round-robin (each round starts one variant "
+        "later); the first "
         f"{settings['warmup']} round(s) are untimed. A variant's overhead is the median over rounds of its time "
         "divided by `none`'s time in the same round (per-round ranges are in the JSON), so slow drifts of a shared "
         "machine cancel; expect a few percentage points of noise on a 2-core VM, so small overheads (≲ 3 %) are "
@@ -514,12 +616,24 @@ def render_time_section(report: dict[str, Any]) -> str:
             "would import torch and rebuild the model: minutes), `tracemalloc` (blind to PyTorch's allocator), the "
             "profiler's memory events (exact and repeatable, but 10–30 s per variant on the UNets)."),
         "* Reading the time overheads: elementwise work is not in the FLOP counts but costs wall time: nagkit's "
-        "NAG combination (per-token L1 norms, ratio, cap and blend in fp32, overflow-safe), the separate small "
-        "`Z-` attention call, the concatenations of the packed text. On the cross-attention families, whose extra "
-        "FLOPs are ~1 %, that is most of the measured overhead (SDXL profile: about 4 % of the step in the NAG "
-        "combination, 2 % in the `Z-` attention). Elementwise work scales with `L·C` and matmuls with `L·C²`, so "
-        "dividing the widths by k makes it about k× more visible than at full size (k = 5 on SDXL, 10 on Wan): "
-        "read those overheads as upper bounds for the published models.",
+        "NAG combination (per-token norms, ratio, cap and blend in fp32, overflow-safe), the separate small `Z-` "
+        "attention calls and their log-sum-exp merges, the concatenations of the packed text. The combination runs "
+        "as one `torch.compile`d function (compiled once per process, in the untimed first call; one fused pass "
+        "per stage instead of about fifteen ATen calls): on the FLUX.1-dev reduced config about 0.7 ms per call "
+        "instead of 2.6 ms (one thread). Measured as one thread's CPU time, which other processes on the machine "
+        "do not disturb (8 interleaved rounds): FLUX.1-dev `nag` +14.2 % for +13.3 % FLOPs (×1.07; eager ATen "
+        "combination: +15.6 %, ×1.17), SDXL +5.8 % (eager: +7.4 %) for +1.3 % FLOPs. Elementwise work scales with "
+        "`L·C` and matmuls with `L·C²`, so dividing the widths by k makes it about k× more visible than at full size "
+        "(k = 5 on SDXL, 10 on Wan): read the cross-attention families' overheads as upper bounds for the published "
+        "models.",
+        "* Text masks (PixArt, Sana, Chroma): the last quarter of the prompt's and the negative's tokens are "
+        "padding. On PixArt and Sana nagkit drops the negative's padded tokens before the denoiser (**text tok** "
+        "shows the tokens it keeps; the official way computes all of them), so on masked families the `nag` FLOPs "
+        "are counted on the real inputs, with their mask values, not on the meta device.",
+        "* Multi-threaded runs on a machine busy with other work are unreliable: an op that runs on two threads "
+        "waits for both, and when a core is taken every small op can stall for a scheduler time slice, which "
+        "inflates the variants with more (small) ops — guided calls — by tens of percent (the **± rounds** column "
+        "shows it). `--threads 1` keeps the ratios stable there.",
         "* CPU specifics: float32, because bf16 matmuls on CPUs without AVX-512-BF16/AMX are emulated (about "
         "1.7 GFLOP/s here against about 75 GFLOP/s in fp32); denormals are flushed to zero during the run.",
         "* `--device cuda` (CUDA events, `max_memory_allocated`, bf16 by default there) is implemented but "

@@ -405,10 +405,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not (device == "cpu" or device.startswith("cuda")):
             raise CLIError("--device must be cpu or cuda[:N]")
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        if args.threads is not None and args.threads < 1:
+            raise CLIError("--threads must be >= 1")
         report = run_time(specs, device=device, dtype=getattr(torch, dtype), repeats=args.repeats,
-                          warmup=args.warmup, seed=args.seed, progress=progress)
+                          warmup=args.warmup, seed=args.seed, progress=progress, threads=args.threads)
     else:
-        report = run_flops(specs, progress)
+        if args.short_negative < 0:
+            raise CLIError("--short-negative must be >= 0")
+        report = run_flops(specs, progress, short_negative=args.short_negative)
     print(render_terminal(report))
     if args.json:
         print(write_json(report, args.json))
@@ -504,12 +508,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--negative-length", type=int, default=None,
                        help="negative text tokens (default: as many as the prompt)")
     bench.add_argument("--batch", type=int, default=1, help="prompts per call (CFG doubles it)")
+    bench.add_argument("--short-negative", type=int, default=8, metavar="TOKENS",
+                       help="flops mode: on families whose padded negatives nagkit shortens (PixArt, Sana) also "
+                            "count NAG with a negative of this many valid tokens (default 8; 0: skip)")
     bench.add_argument("--repeats", type=int, default=4, help="time mode: timed rounds, the median is reported")
     bench.add_argument("--warmup", type=int, default=1, help="time mode: untimed rounds first")
     bench.add_argument("--device", default="cpu", help="time mode: cpu (default) or cuda (untested)")
     bench.add_argument("--dtype", default=None, choices=DTYPES,
                        help="time mode: default float32 on cpu (bf16 matmuls are slow on most CPUs), bfloat16 on cuda")
     bench.add_argument("--seed", type=int, default=0, help="time mode: seed of the random weights and inputs")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="time mode: torch threads (default: torch's, one per core); 1 keeps the ratios stable on "
+                            "a machine busy with other work")
     bench.add_argument("--json", default=None, metavar="PATH", help="write the full results as JSON")
     bench.add_argument("--markdown", default=None, metavar="PATH",
                        help="write this mode's section of a Markdown page (FLOP mode also PATH_STEM_flops.png), "
