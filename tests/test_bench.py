@@ -216,6 +216,10 @@ def test_flop_mode_chroma_official_way_is_the_reference():
     assert row[COLUMNS.index("nag official-mode")] == "n/a" and row[COLUMNS.index("nag − min")] == "0 (exact)"
     page = render_markdown(report)
     assert "| tiny Chroma (64×64) |" in page and "it matches exactly for tiny Chroma" in page
+    # a hand-written GPU run record between its own markers survives regenerating the page
+    record = "<!-- nagkit-bench:cuda:begin -->\n## CUDA run\nnumbers\n<!-- nagkit-bench:cuda:end -->"
+    again = render_markdown(report, page=page + "\n" + record)
+    assert again.count("## CUDA run") == 1 and again.index("nagkit-bench:time:end") < again.index("## CUDA run")
 
 
 def test_chroma_official_reference_computes_nag():

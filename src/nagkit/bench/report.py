@@ -669,6 +669,12 @@ def render_markdown(report: dict[str, Any], chart: str | None = None, page: str 
             if begin in page and end in page:
                 sections[name] = page.split(begin, 1)[1].split(end, 1)[0].strip("\n")
     sections[mode] = section
+    kept = {}  # hand-written sections (e.g. a GPU run record) between their own markers survive a regeneration
+    if page:
+        for name in ("cuda",):
+            begin, end = MARKER.format(mode=name, edge="begin"), MARKER.format(mode=name, edge="end")
+            if begin in page and end in page:
+                kept[name] = page.split(begin, 1)[1].split(end, 1)[0].strip("\n")
     lines = [
         "# Benchmarks",
         "",
@@ -684,6 +690,8 @@ def render_markdown(report: dict[str, Any], chart: str | None = None, page: str 
     ]
     for name in ("flops", "time"):
         lines += [MARKER.format(mode=name, edge="begin"), sections[name], MARKER.format(mode=name, edge="end"), ""]
+    for name, text in kept.items():
+        lines += [MARKER.format(mode=name, edge="begin"), text, MARKER.format(mode=name, edge="end"), ""]
     return "\n".join(lines)
 
 
