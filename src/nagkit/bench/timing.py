@@ -8,7 +8,7 @@ layers and of the text tokens) with real, seeded random weights. Every variant i
 * ``none``: one conditional forward, batch B;
 * ``cfg``: classifier-free guidance as the family's diffusers pipeline calls it: one forward of batch 2B
   (unconditional + conditional: SD1.5, SDXL, PixArt, Sana, SD3), or two forwards of batch B (Wan, Flux's
-  ``true_cfg_scale`` and Chroma: :data:`SEPARATE_CFG`);
+  ``true_cfg_scale`` and Chroma: the family's ``Adapter.separate_cfg``);
 * ``nag``: nagkit, ``nagkit.apply(model, negative={...})`` (``mode="fast"``), one forward of batch B;
 * ``official``: the official implementation's computation. Cross-attention families: the in-repo reference
   (:mod:`nagkit.bench.reference`) on the packed text; joint-attention families: ``mode="official"`` inside
@@ -54,7 +54,20 @@ TIME_VARIANTS = ("none", "cfg", "nag", "official", "nag+cfg")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _PR_SET_THP_DISABLE = 41  # Linux prctl option
 #: Input builders (``FamilySpec.inputs``) whose pipelines run CFG as two separate denoiser calls.
-SEPARATE_CFG = frozenset({"wan", "flux", "chroma"})
+def separate_cfg(spec: FamilySpec) -> bool:
+    """Whether the family's pipelines run CFG as two denoiser calls (the family file's ``Adapter.separate_cfg``)."""
+    return _adapter(spec).separate_cfg
+
+
+def _adapter(spec: FamilySpec) -> Any:
+    import diffusers
+
+    from ..adapters.base import find_adapter_class
+
+    adapter = find_adapter_class(getattr(diffusers, spec.model_class))
+    if adapter is None:
+        raise ValueError(f"no nagkit family for {spec.model_class}")
+    return adapter
 
 
 # ------------------------------------------------------------------------------------------------ machine
@@ -261,7 +274,7 @@ def materialize(inputs: Inputs, spec: FamilySpec, device: torch.device, dtype: t
             mask[..., text - text // 4: text] = 0
             return mask.to(device)
         if key == "timestep":
-            return torch.full(x.shape, 0.5 if spec.inputs in ("flux", "chroma") else 500.0, device=device)
+            return torch.full(x.shape, _adapter(spec).timestep_max / 2, device=device)  # mid-schedule
         if key == "guidance":
             return torch.full(x.shape, 3.5, device=device)
         return torch.randn(x.shape, generator=generator).to(device=device, dtype=dtype)
@@ -362,7 +375,7 @@ def variant_calls(model: torch.nn.Module, spec: FamilySpec, inputs: Inputs, cfg_
         official = Call(inputs.kwargs, guided("official", True), guided=True)
     return {
         "none": [Call(inputs.kwargs)],
-        "cfg": [Call(inputs.kwargs)] * 2 if spec.inputs in SEPARATE_CFG else [Call(cfg_inputs.kwargs)],
+        "cfg": [Call(inputs.kwargs)] * 2 if separate_cfg(spec) else [Call(cfg_inputs.kwargs)],
         "nag": [Call(inputs.kwargs, guided(), guided=True)],
         "official": [official],
         "nag+cfg": [Call(inputs.kwargs), Call(inputs.kwargs, guided(), guided=True)],
