@@ -5,6 +5,8 @@ import torch
 import nagkit
 from nagkit.tiny.pipelines import TINY_PIPELINES
 
+from .test_host import flux_call
+
 
 def test_compiled_denoiser_fullgraph_matches_eager():
     pipe = TINY_PIPELINES["tiny-wan"](seed=0)
@@ -27,15 +29,7 @@ def test_compiled_denoiser_fullgraph_matches_eager():
 def test_regional_compile_of_flux_blocks_fullgraph():
     pipe = TINY_PIPELINES["tiny-flux"](seed=0)
     model = pipe.transformer
-    g = torch.Generator().manual_seed(0)
-    li, lt, dim = 16, 6, model.config.joint_attention_dim
-    inputs = dict(hidden_states=torch.randn(1, li, model.config.in_channels, generator=g),
-                  encoder_hidden_states=torch.randn(1, lt, dim, generator=g),
-                  pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g),
-                  timestep=torch.tensor([0.6]), img_ids=torch.randn(li, 3, generator=g), txt_ids=torch.zeros(lt, 3),
-                  return_dict=False)
-    negative = {"encoder_hidden_states": torch.randn(1, 4, dim, generator=g),
-                "pooled_projections": torch.randn(1, model.config.pooled_projection_dim, generator=g)}
+    inputs, negative = flux_call(model)
     with torch.no_grad(), nagkit.apply(model, negative=negative, scale=5.0, alpha=0.5):
         eager = model(**inputs)[0]
         model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")

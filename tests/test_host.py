@@ -281,6 +281,10 @@ def test_deepcopy_is_an_independent_guided_copy_and_pickle_is_refused(sd15):
     guide = nagkit.apply(pipe, negative_prompt=NEG, scale=5.0, alpha=0.5)
     guided = generate("tiny-sd15", pipe)
     twin = copy.deepcopy(pipe)
+    lone = copy.deepcopy(pipe.unet)  # a pipeline's denoiser copied alone: a plain copy, the original stays guided
+    assert "nagkit" not in getattr(getattr(lone, "_diffusers_hook", None), "hooks", {})
+    assert "forward" not in lone.__dict__ and not hasattr(lone, "_nagkit_guide")
+    torch.testing.assert_close(generate("tiny-sd15", pipe), guided, atol=1e-6, rtol=1e-6)
     guide.update(scale=1.0)
     torch.testing.assert_close(generate("tiny-sd15", twin), guided, atol=1e-6, rtol=1e-6)
     guide.remove()

@@ -41,12 +41,15 @@ class Negative:
         mask: ``(R, Ln)`` padding mask of the negative (1 = keep), or None.
         positive: ``(R, Lp, C)``: the call's prompt embeddings, to tell the conditional rows from the others.
         extras: the negative's counterparts of further denoiser inputs, e.g. its pooled embedding ``(R, P)``.
+        unpadded: ``(embeds, mask)`` without the tokens every row masks out, computed once by the first guided call
+            (a host sync per negative, not per denoising step).
     """
 
     embeds: torch.Tensor
     mask: torch.Tensor | None = None
     positive: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    unpadded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # cache of the packing
 
 
 @dataclass

@@ -148,7 +148,9 @@ def plan_call(adapter: Adapter, state: NAGState, access: ArgAccess, args: tuple,
     batch, r = text.shape[0], negative.embeds.shape[0]
     embeds, mask, extras = negative.embeds, negative.mask, negative.extras
     if mask is not None and adapter.drop_padding:
-        embeds, mask = _drop_padding(embeds, mask)
+        if negative.unpadded is None:
+            negative.unpadded = _drop_padding(embeds, mask)
+        embeds, mask = negative.unpadded
     if embeds.shape[-1] != text.shape[-1]:
         raise ValueError(f"negative embeddings have {embeds.shape[-1]} channels, the prompt's have {text.shape[-1]}")
     if batch == r:
