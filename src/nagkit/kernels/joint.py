@@ -25,7 +25,7 @@ import torch
 
 from ..core.operator import nag_combine
 from .cross import Packing
-from .lse import attend, attention_with_lse_backend, merge_attention
+from .lse import additive_mask, attend, attention_with_lse_backend, dead_rows, merge_attention
 
 _TWO_ATTENTIONS = False
 
@@ -101,27 +101,37 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         return x if x is None or packing.all_rows or x.shape[0] == 1 else x[rows]
 
     rows = packing.rows
+    # the bias as an additive float once (not per attention), and per key segment the fully masked query rows once
+    # (one pass over the bias; the partial attentions need them to give such a part no weight in a merge)
+    bias = additive_mask(bias, query.dtype)
+    dead_i = dead_rows(None if bias is None else bias[..., si])
+    dead_p = dead_rows(None if bias is None else bias[..., sp])
+    dead_n = dead_rows(None if bias is None else bias[..., sn])
+
+    def dead(d: torch.Tensor | None, qs: slice) -> torch.Tensor | None:
+        return None if d is None else d[..., qs]
     q_i = seg(query, si)
     def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return attend(q, k, v, mask, backend)
 
-    def with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):  # noqa: ANN202
-        return attention_with_lse_backend(q, k, v, mask, backend)
+    def with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,  # noqa: ANN202
+                 dead_q: torch.Tensor | None):
+        return attention_with_lse_backend(q, k, v, mask, backend, dead=dead_q)
 
     out_p = sdpa(seg(query, sp), keys(sp, key), keys(sp, value), block_keys(sp, sp))
     out_n = sdpa(seg(query, sn), keys(sn, key), keys(sn, value), block_keys(sn, sn))
     q_g = guided_rows(q_i)
     image = positive = negative = None
     if use_lse:  # any part the backend cannot give an LSE for: two full attentions instead
-        image = with_lse(q_i, seg(key, si), seg(value, si), block(si, si))
-        positive = image and with_lse(q_i, seg(key, sp), seg(value, sp), block(si, sp))
+        image = with_lse(q_i, seg(key, si), seg(value, si), block(si, si), dead(dead_i, si))
+        positive = image and with_lse(q_i, seg(key, sp), seg(value, sp), block(si, sp), dead(dead_p, si))
         negative = positive and with_lse(q_g, guided_rows(seg(key, sn)), guided_rows(seg(value, sn)),
-                                         guided_rows(block(si, sn)))
+                                         guided_rows(block(si, sn)), guided_rows(dead(dead_n, si)))
     if negative is not None:
-        z_pos = merge_attention([image, positive])
+        z_pos = merge_attention([image, positive], heads_last=True)
         if not packing.all_rows:
             image = (image[0][rows], image[1][rows])
-        z_neg = merge_attention([image, negative])
+        z_neg = merge_attention([image, negative], heads_last=True)
     else:
         z_pos = sdpa(q_i, keys(sp, key), keys(sp, value), block_keys(si, sp))
         z_neg = sdpa(q_g, guided_rows(keys(sn, key)), guided_rows(keys(sn, value)), guided_rows(block_keys(si, sn)))

@@ -47,12 +47,6 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return mask.to(dtype)
 
 
-def _fully_masked(bias: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
-    if bias is None:
-        return None
-    return torch.isneginf(bias).all(dim=-1).expand(shape)
-
-
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
           ) -> tuple[torch.Tensor, torch.Tensor]:
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
@@ -64,8 +58,18 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor 
     return out.to(q.dtype), lse
 
 
+def dead_rows(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The query rows of an additive bias ``(..., Lq, Lk)`` whose keys are all masked (``-inf``): ``(..., Lq)`` bool,
+    or None when there is no bias. One pass over the bias; callers attending several times with slices of one bias
+    compute it once per key segment and pass the slices as ``dead=`` to :func:`attention_with_lse`."""
+    if bias is None:
+        return None
+    return torch.isneginf(bias.amax(dim=-1))
+
+
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       scale: float | None = None, dead: torch.Tensor | None | bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention returning ``(out, lse)``.
 
     Args:
@@ -73,6 +77,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
         k, v: keys/values ``(B, H, Lk, D)``.
         mask: None, a boolean keep-mask or an additive bias broadcastable to ``(B, H, Lq, Lk)``.
         scale: softmax scale (default ``1/sqrt(D)``).
+        dead: the fully masked query rows, broadcastable to ``(B, H, Lq)`` (precomputed with :func:`dead_rows`),
+            True to find them here from ``mask``, or False/None when the caller knows there are none.
 
     Returns:
         ``out`` ``(B, H, Lq, D)`` in the dtype of ``q`` and ``lse`` ``(B, H, Lq)`` in fp32, natural log; rows whose
@@ -106,27 +112,46 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
         lse = lse.float()
     else:
         out, lse = _math(q, k, v, bias, scale)
-    dead = _fully_masked(bias, rows)
-    if dead is not None:
+    if dead is True:
+        dead = dead_rows(bias)
+    if isinstance(dead, torch.Tensor):
+        dead = dead.expand(rows)
         lse = lse.masked_fill(dead, NEG_INF)
         out = out.masked_fill(dead[..., None], 0.0)
     return out, lse
 
 
-def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], heads_last: bool = False) -> torch.Tensor:
     """Exact softmax attention over the union of the key sets of ``parts`` from their ``(out, lse)``.
+
+    Folded pairwise: with ``w = exp(lse_a − logaddexp(lse_a, lse_b)) = sigmoid(lse_a − lse_b)`` the union's output is
+    ``lerp(out_b, out_a, w)`` — one fused pass per part over the outputs (weights and outputs in fp32).
 
     Args:
         parts: ``(out, lse)`` pairs from :func:`attention_with_lse` for the same queries and disjoint key sets.
+        heads_last: return a ``(B, H, Lq, D)`` view of ``(B, Lq, H, D)``-contiguous memory, so that merging the heads
+            afterwards (``.transpose(1, 2).flatten(2)``) is free.
 
     Returns:
-        The merged output ``(B, H, Lq, D)`` in the dtype of the first part (weights in fp32). Rows with no
-        unmasked key in any part are 0.
+        The merged output ``(B, H, Lq, D)`` in the dtype of the first part. Rows with no unmasked key in any part
+        are 0.
     """
-    lses = torch.stack([lse for _, lse in parts])
-    total = torch.logsumexp(lses, dim=0)
-    total = torch.where(torch.isneginf(total), torch.zeros_like(total), total)
-    out = sum(torch.exp(lse - total)[..., None] * o.float() for o, lse in parts)
+    heads_last = heads_last and not torch.compiler.is_compiling()  # (a traced graph picks its own layouts)
+    out, lse = parts[0]
+    out = out.float()
+    for i, (o, part_lse) in enumerate(parts[1:], start=2):
+        # weight of what is merged so far; both -inf (no key anywhere yet): NaN -> 0, and both outputs are 0 there
+        w = torch.sigmoid(lse - part_lse).nan_to_num_(0.0)[..., None]
+        if i == len(parts) and heads_last:
+            b, h, length, d = o.shape
+            buffer = torch.empty(b, length, h, d, dtype=torch.float32, device=o.device).transpose(1, 2)
+            out = torch.lerp(o.float(), out, w, out=buffer)
+        else:
+            out = torch.lerp(o.float(), out, w)
+        if i < len(parts):
+            lse = torch.logaddexp(lse, part_lse)
+    if heads_last and len(parts) == 1:
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
     return out.to(parts[0][0].dtype)
 
 
@@ -155,13 +180,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def attention_with_lse_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                               backend: Any = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                               backend: Any = None, dead: torch.Tensor | None | bool = True
+                               ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`attention_with_lse` for a module whose attention runs on diffusers backend ``backend``.
 
     Args:
         q, k, v: ``(B, H, L, D)``.
         mask: None, a boolean keep-mask or an additive bias.
         backend: the module's attention backend (None: diffusers' active one).
+        dead: as :func:`attention_with_lse`.
 
     Returns:
         ``(out, lse)`` as :func:`attention_with_lse`, or None when the backend cannot return an LSE (then compute
@@ -169,7 +196,7 @@ def attention_with_lse_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """
     name = backend_name(backend)
     if name in TORCH_BACKENDS:
-        return attention_with_lse(q, k, v, mask)
+        return attention_with_lse(q, k, v, mask, dead=dead)
     layout = DISPATCH_LSE.get(name)
     if layout is None or mask is not None:
         return None
