@@ -264,6 +264,55 @@ def test_group_offloading_stays_outside_nag():
         guide.remove()
 
 
+# sequential CPU offload needs an accelerator (accelerate's meta-device dispatch fails with device="cpu" even
+# without nagkit): tests/test_cuda.py::test_cuda_sequential_offload_with_nag
+OFFLOADS = ["model", "group-block", "group-leaf", "fp8-storage"]
+
+
+def _offload(pipe, how: str) -> None:
+    cpu = torch.device("cpu")
+    if how == "model":
+        pipe.enable_model_cpu_offload(device="cpu")
+    elif how == "group-block":
+        pipe.transformer.enable_group_offload(cpu, offload_device=cpu, offload_type="block_level",
+                                              num_blocks_per_group=1)
+    elif how == "group-leaf":
+        pipe.transformer.enable_group_offload(cpu, offload_device=cpu, offload_type="leaf_level")
+    else:
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("family", ["tiny-wan", "tiny-flux"])
+@pytest.mark.parametrize("how", OFFLOADS)
+@pytest.mark.parametrize("order", ["offload-first", "nag-first"])
+def test_offload_and_casting_with_nag(family, how, order):
+    """Model and group offloading (block and leaf level) and fp8 layerwise casting, on a cross-attention
+    and a joint-attention family, installed before or after NAG: the guided run equals NAG without them (casting:
+    within fp8 storage error), ``scale=1`` equals them alone, and removing NAG leaves them working."""
+    lossy = how == "fp8-storage"
+    pipe = fresh(family)
+    if order == "nag-first":
+        guide = nagkit.apply(pipe, negative_prompt=NEG, scale=5.0, alpha=0.5)
+        _offload(pipe, how)
+    else:
+        _offload(pipe, how)
+        guide = nagkit.apply(pipe, negative_prompt=NEG, scale=5.0, alpha=0.5)
+    guided = run(family, pipe)
+    expected = nag_only(family, scale=5.0, alpha=0.5)
+    assert torch.isfinite(guided).all()
+    if lossy:
+        assert (guided - expected).abs().max() < 0.25 * expected.abs().max()
+    else:
+        torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
+    guide.update(scale=1.0)
+    alone = run(family, pipe)
+    guide.remove()
+    assert torch.equal(run(family, pipe), alone)
+    if not lossy:
+        torch.testing.assert_close(alone, plain(family), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(alone, guided)
+
+
 # ---------------------------------------------------------------------------------------------------- bare denoiser
 def test_bare_denoiser_loop_with_contexts_and_a_closing_window():
     """A hand-written loop (no pipeline) with ``cache_context`` and FirstBlockCache: when the window closes, the

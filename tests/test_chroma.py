@@ -69,7 +69,9 @@ def test_identities_removal_and_mode(chroma):
         torch.testing.assert_close(run(model, inputs), base, atol=1e-5, rtol=1e-5)
         guide.update(scale=1.0)
         assert torch.equal(run(model, inputs), base)
-    with nagkit.apply(model, negative=negative, scale=SCALE, mode="official"):
-        with pytest.raises(ValueError, match="Chroma has no official NAG"):
-            run(model, inputs)
+    with pytest.raises(ValueError, match="mode='official' is not available for ChromaTransformer2DModel"):
+        nagkit.apply(model, negative=negative, scale=SCALE, mode="official")
+    with nagkit.apply(model, negative=negative, scale=SCALE) as guide:
+        with pytest.raises(ValueError, match="mode='official' is not available"):
+            guide.update(mode="official")
     assert torch.equal(run(model, inputs), base)

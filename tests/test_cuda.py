@@ -130,3 +130,27 @@ def test_cuda_group_offload_with_nag(order):
         out = model(**inputs, return_dict=False)[0]
     guide.remove()
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["tiny-wan", "tiny-flux"])
+@pytest.mark.parametrize("order", ["nag_first", "offload_first"])
+def test_cuda_sequential_offload_with_nag(family, order):
+    """``enable_sequential_cpu_offload`` (accelerate hooks on every leaf module) with NAG installed before or after:
+    the guided pipeline output equals NAG on the GPU without offloading."""
+    import nagkit
+    from nagkit.tiny.pipelines import TINY_PIPELINES
+
+    from .test_pipelines import generate
+
+    pipe = TINY_PIPELINES[family](seed=0).to("cuda")
+    with nagkit.apply(pipe, negative_prompt="blurry", scale=5.0, alpha=0.5):
+        expected = generate(family, pipe, steps=2)
+    pipe = TINY_PIPELINES[family](seed=0)
+    if order == "offload_first":
+        pipe.enable_sequential_cpu_offload(device="cuda")
+    guide = nagkit.apply(pipe, negative_prompt="blurry", scale=5.0, alpha=0.5)
+    if order == "nag_first":
+        pipe.enable_sequential_cpu_offload(device="cuda")
+    out = generate(family, pipe, steps=2)
+    guide.remove()
+    torch.testing.assert_close(out.float().cpu(), expected.float().cpu(), atol=1e-4, rtol=1e-4)

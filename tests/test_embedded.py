@@ -242,8 +242,9 @@ def test_cli_demo_and_generate_without_model(tmp_path, capsys):
     assert rc == 0
     assert Image.open(tmp_path / "c.png").size == (32, 32)
     sidecar = json.loads((tmp_path / "c.json").read_text())
-    assert sidecar["model"] == "embedded" and sidecar["pipeline"] == "FluxPipeline" and sidecar["negative"] == "red"
-    assert sidecar["preset"] == "embedded" and (sidecar["nag"]["scale"], sidecar["nag"]["alpha"]) == (8.0, 1.0)
+    assert sidecar["model"] == "embedded" and sidecar["pipeline"] == "FluxPipeline"
+    assert sidecar["nag"]["negative"] == "red" and sidecar["nag"]["preset"] == "embedded"
+    assert (sidecar["nag"]["scale"], sidecar["nag"]["alpha"]) == (8.0, 1.0)
     assert main(["demo", "--negative", "blurry"]) == 2
     assert "names no colour" in capsys.readouterr().err
     assert main(["demo", "--seeds", "0"]) == 2

@@ -90,6 +90,8 @@ class PipelineSpec:
         encoders: text encoder attributes that ``encode_prompt`` needs to encode a string.
         embeds_args: negative field -> name of the call's own argument carrying it in embedding form
             (``"embeds"``, ``"mask"`` and the ``extras`` keys).
+        size_multiple: image height/width must be multiples of the VAE's spatial factor times this (2 where the
+            pipeline packs 2x2 latent patches: FLUX, SD3, Wan), checked by the command line before loading weights.
     """
 
     denoisers: tuple[str, ...]
@@ -101,6 +103,7 @@ class PipelineSpec:
     preset: str = ""
     encoders: tuple[str, ...] = ("text_encoder",)
     embeds_args: dict[str, str] = field(default_factory=lambda: {"embeds": "negative_prompt_embeds"})
+    size_multiple: int = 1
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,8 @@ class Adapter:
         prepare: ``prepare(model, access, args, kwargs, negative, packing, state) -> (args, kwargs)``, run after
             the text is packed on a guided call: extra packing (e.g. text position ids) and per-call state.
         official_norm: the norm the official implementation uses for this family (``mode="official"``).
+        official: whether an official NAG implementation exists to reproduce (``mode="official"``); False refuses
+            that mode at ``nagkit.apply``/``Guide.update``.
         block_forwards: block class -> ``forward(block, state, original_forward, *args, **kwargs)`` used for that
             block on guided calls (per-segment modulation of the text stream), installed as a block hook.
         pipelines: diffusers pipeline class name -> :class:`PipelineSpec` of the pipelines built on this denoiser.
@@ -165,6 +170,7 @@ class Adapter:
     notes: str = ""
     negative_keys: tuple[str, ...] = ()
     official_norm: str = "l1"
+    official: bool = True
     prepare: Callable | None = None
     block_forwards: dict[type, Callable] = field(default_factory=dict)
     mask_packer: Callable | None = None

@@ -129,13 +129,14 @@ CHROMA = register_adapter(Adapter(
     mask_arg="attention_mask",
     mask_packer=_chroma_mask,
     timestep_max=1.0,
+    official=False,
     preset="chroma",
     notes="Chroma: as Flux fast mode (modulation is text-independent); Chroma's own additive text-mask semantics "
           "kept for the negative segment",
     prepare=_chroma_prepare,
     pipelines={
         # Chroma returns (prompt_embeds, text_ids, prompt_mask, negative...); the mask keeps Chroma's own rule.
-        "ChromaPipeline": PipelineSpec(denoisers=("transformer",), mask_index=2, preset="chroma",
+        "ChromaPipeline": PipelineSpec(denoisers=("transformer",), mask_index=2, preset="chroma", size_multiple=2,
                                        embeds_args={"embeds": "negative_prompt_embeds",
                                                     "mask": "negative_prompt_attention_mask"}),
     },

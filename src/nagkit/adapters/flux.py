@@ -394,9 +394,10 @@ def tiny_flux_kontext_pipeline(seed: int = 0) -> FluxKontextPipeline:
 # ------------------------------------------------------------------------------------------------ registration
 # Flux returns (prompt_embeds, pooled, text_ids); the negative branch uses the negative's pooled embedding (official).
 _FLUX_ARGS = {"embeds": "negative_prompt_embeds", "pooled_projections": "negative_pooled_prompt_embeds"}
-_FLUX = PipelineSpec(denoisers=("transformer",), extras={"pooled_projections": 1}, preset="flux",
+_FLUX = PipelineSpec(denoisers=("transformer",), extras={"pooled_projections": 1}, preset="flux", size_multiple=2,
                      encoders=("text_encoder", "text_encoder_2"), embeds_args=_FLUX_ARGS)
 _KONTEXT = PipelineSpec(denoisers=("transformer",), extras={"pooled_projections": 1}, preset="flux-kontext",
+                        size_multiple=2,
                         encoders=("text_encoder", "text_encoder_2"), embeds_args=_FLUX_ARGS)
 # MM-DiT: T5 length 32. Kontext: the output size comes from max_area, and _auto_resize=False keeps an `image=` at its
 # own (tiny) size instead of a ~1 MP preferred one.

@@ -195,7 +195,7 @@ SD3 = register_adapter(Adapter(
     notes="SD3/SD3.5: NAG on the image tokens of every joint attention; the negative text is its own stream "
           "(positive pooled modulation, as official); image->image attention computed once (LSE merge)",
     pipelines={
-        "StableDiffusion3Pipeline": PipelineSpec(denoisers=("transformer",), preset="sd3",
+        "StableDiffusion3Pipeline": PipelineSpec(denoisers=("transformer",), preset="sd3", size_multiple=2,
                                                  encoders=("text_encoder", "text_encoder_2")),
     },
     # Official SD3 pipeline: alpha 0.125; README SD3.5-Large-Turbo example nag_scale 5 (paper φ=4).

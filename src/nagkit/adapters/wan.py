@@ -306,7 +306,8 @@ def tiny_wan_i2v_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
 
 
 # ------------------------------------------------------------------------------------------------ registration
-_WAN = PipelineSpec(denoisers=("transformer", "transformer_2"), count_arg="num_videos_per_prompt", preset="wan")
+_WAN = PipelineSpec(denoisers=("transformer", "transformer_2"), count_arg="num_videos_per_prompt", preset="wan",
+                    size_multiple=2)
 
 WAN = register_adapter(Adapter(
     family="wan",

@@ -457,10 +457,13 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None,
         result.notes.append(reason)
     else:
         record("nag", nag, "nagkit.apply(model, negative=...)")
-        nag_official, why = count_guided(model, inputs, "official")
-        if nag_official is None and reference is not None:  # nagkit refuses mode="official" (Chroma): expected
-            record("nag-official", None, f"{NOT_APPLICABLE}: {why.removeprefix(FAILED + ': ')}")
+        from ..adapters import adapter_for
+
+        if not adapter_for(model).official:  # no official code to reproduce (Chroma): nagkit refuses the mode
+            record("nag-official", None, f"{NOT_APPLICABLE}: nagkit refuses mode='official' for "
+                                         f"{type(model).__name__} (no official NAG implementation)")
         else:
+            nag_official, why = count_guided(model, inputs, "official")
             record("nag-official", nag_official, why or "nagkit.apply(model, negative=..., mode='official')")
             if why:
                 result.notes.append(f"mode='official': {why}")

@@ -103,6 +103,12 @@ def _mode_norm(mode: str, adapter: Adapter) -> str:
     return adapter.official_norm if mode == "official" else "l1"
 
 
+def _check_mode(mode: str | None, adapter: Adapter) -> None:
+    if mode == "official" and not adapter.official:
+        raise ValueError(f"mode='official' is not available for {adapter.model_class.__name__} (no official NAG "
+                         "implementation exists to reproduce); use mode='fast'")
+
+
 @dataclass
 class _Installed:
     """What one guide installed on one denoiser."""
@@ -199,6 +205,7 @@ class Guide:
         """
         self._require_installed()
         adapter = self._denoisers[0].adapter
+        _check_mode(mode, adapter)
         if mode is not None and norm is None and mode != self.state.config.mode:
             norm = _mode_norm(mode, adapter)
         config = self.state.config.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm,
@@ -435,6 +442,7 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
     if negative is not None:
         fixed = _check_negative_dict(negative, family)
     base = get_preset(preset or default_preset)
+    _check_mode(mode or base.mode, family)
     if mode is not None and norm is None:
         norm = _mode_norm(mode, family)
     config = base.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm, mode=mode)

@@ -248,12 +248,42 @@ def attribute_accuracy(pipe: Any, steps: int = 8, seeds: Sequence[int] = range(1
     return {**{k: c / n for k, c in counts.items()}, "n": n}
 
 
+def _label_font(size: float | None) -> Any:
+    """PIL's built-in font at ``size`` pixels (Pillow >= 10.1 with FreeType); ``None``: the built-in default font."""
+    if size is None:
+        return None
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError, AttributeError):  # old Pillow or no FreeType: the fixed-size font
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, width: float, measure: ImageDraw.ImageDraw, font: Any) -> list[str]:
+    """Greedy word wrap of each line of ``text`` to ``width`` pixels (a single longer word keeps its own line)."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and measure.textlength(candidate, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
 def image_grid(
     cells: Sequence[Sequence[Sequence[Image.Image]]],
     row_labels: Sequence[str],
     col_labels: Sequence[str],
     zoom: int = 3,
     tiles: int = 2,
+    title: str | None = None,
+    font_size: float | None = None,
 ) -> Image.Image:
     """Compose a labelled grid: each cell shows ``tiles × tiles`` images (nearest-neighbour zoom).
 
@@ -263,6 +293,10 @@ def image_grid(
         col_labels: One label per column.
         zoom: Integer upscaling of each image.
         tiles: Images per cell side.
+        title: Text drawn in a band above the grid (``\n`` separates lines; long lines are word-wrapped to the grid's
+            width). ``None``: no band.
+        font_size: Pixel size of PIL's built-in font for the labels and the title (needs Pillow >= 10.1 with
+            FreeType, else the fixed built-in font is used). ``None``: PIL's default font.
 
     Returns:
         The grid image (RGB).
@@ -270,19 +304,29 @@ def image_grid(
     side = cells[0][0][0].size[0] * zoom
     cell = tiles * side + (tiles - 1) * 2
     # PIL's built-in font has no Greek letters: spell τ and α out.
-    row_labels = [label.replace("τ", "tau").replace("α", " alpha") for label in row_labels]
+    row_labels = [label.replace("τ", "tau").replace("α", "alpha") for label in row_labels]
+    font = _label_font(font_size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    pad, top = 8, 24
-    left = max(120, 12 + int(max(measure.textlength(label) for label in row_labels)))
+    line_height = measure.textbbox((0, 0), "Ag", font=font)[3]
+    pad, top = 8, 24 if font is None else max(24, line_height + 14)
+    left = max(120, 12 + int(max(measure.textlength(label, font=font) for label in row_labels)))
     width = left + len(col_labels) * (cell + pad)
-    height = top + len(row_labels) * (cell + pad)
+    title_lines = [] if title is None else _wrap(title, width - 2 * pad, measure, font)
+    if title_lines:
+        width = max(width, 2 * pad + int(max(measure.textlength(line, font=font) for line in title_lines)) + 1)
+    band = len(title_lines) * (line_height + 4) + 2 * pad if title_lines else 0
+    height = band + top + len(row_labels) * (cell + pad)
     grid = Image.new("RGB", (width, height), (245, 245, 245))
     draw = ImageDraw.Draw(grid)
+    for i, line in enumerate(title_lines):
+        draw.text((pad, pad + i * (line_height + 4)), line, fill=(0, 0, 0), font=font)
+    if title_lines:
+        draw.line([(0, band - 2), (width, band - 2)], fill=(200, 200, 200), width=1)
     for c, label in enumerate(col_labels):
-        draw.text((left + c * (cell + pad) + 4, 6), label, fill=(0, 0, 0))
+        draw.text((left + c * (cell + pad) + 4, band + 6), label, fill=(0, 0, 0), font=font)
     for r, label in enumerate(row_labels):
-        y0 = top + r * (cell + pad)
-        draw.text((6, y0 + cell // 2 - 6), label, fill=(0, 0, 0))
+        y0 = band + top + r * (cell + pad)
+        draw.text((6, y0 + cell // 2 - (6 if font is None else line_height // 2)), label, fill=(0, 0, 0), font=font)
         for c in range(len(col_labels)):
             x0 = left + c * (cell + pad)
             for k, im in enumerate(cells[r][c][: tiles * tiles]):
