@@ -143,6 +143,10 @@ class Adapter:
         prepare: ``prepare(model, access, args, kwargs, negative, packing, state) -> (args, kwargs)``, run after
             the text is packed on a guided call: extra packing (e.g. text position ids) and per-call state.
         official_norm: the norm the official implementation uses for this family (``mode="official"``).
+        plan: replaces the default packing of a guided call (families whose text cannot ride after the prompt's:
+            text-mixing refiners, positions tied to the text length, list inputs): ``plan(module, access, args,
+            kwargs, negative, state, pipeline, named) -> (args, kwargs, packing) | None``, called after the window
+            check (see :func:`nagkit.integration.hook.plan_call` and ``guided_rows`` there).
         official: whether an official NAG implementation exists to reproduce (``mode="official"``); False refuses
             that mode at ``nagkit.apply``/``Guide.update``.
         block_forwards: block class -> ``forward(block, state, original_forward, *args, **kwargs)`` used for that
@@ -171,6 +175,7 @@ class Adapter:
     negative_keys: tuple[str, ...] = ()
     official_norm: str = "l1"
     official: bool = True
+    plan: Callable | None = None
     prepare: Callable | None = None
     block_forwards: dict[type, Callable] = field(default_factory=dict)
     mask_packer: Callable | None = None

@@ -113,10 +113,49 @@ def _current_negative(state: NAGState, pipeline: str | None) -> Negative | None:
     return state.negative
 
 
+def guided_rows(batch: int, negative: Negative, text: torch.Tensor | None, pipeline: str | None, named: bool
+                ) -> tuple[slice, bool] | None:
+    """Which rows of a denoiser call of ``batch`` rows NAG guides, for a negative of ``r`` rows.
+
+    Args:
+        batch: the call's batch size.
+        negative: the current negative.
+        text: the call's prompt text (compared with the encoded prompt to recognise a separate unconditional call, and
+            to find the conditional half of a batched CFG call), or None when it cannot be compared.
+        pipeline: class name of the guided pipeline, or None for a bare denoiser.
+        named: the pipeline named this call through ``cache_context``.
+
+    Returns:
+        ``(rows, expand)``: the guided rows, and whether a one-row negative must be expanded to every row (a bare
+        denoiser); or None for a separate unconditional call (never guided).
+
+    Raises:
+        ValueError: when the batch fits neither the negative's rows nor batched CFG.
+    """
+    r = negative.embeds.shape[0]
+    if batch == r:
+        if (pipeline is not None and not named and text is not None and negative.positive is not None
+                and not _same(text, negative.positive)):
+            return None  # a separate unconditional call (e.g. Kontext/Chroma true CFG), never guided
+        return slice(0, batch), False
+    if r == 1 and pipeline is None:
+        return slice(0, batch), True
+    if batch == 2 * r:
+        if text is None:
+            return slice(r, 2 * r), False
+        return _conditional_half(text, negative.positive, r), False
+    raise ValueError(f"the negative has {r} rows but the denoiser was called with batch {batch}; expected "
+                     f"{r} (guide all rows) or {2 * r} (batched CFG: guide the conditional half)")
+
+
 def plan_call(adapter: Adapter, state: NAGState, access: ArgAccess, args: tuple, kwargs: dict,
               module: torch.nn.Module, pipeline: str | None, named: bool = False
               ) -> tuple[tuple, dict, Packing] | None:
     """Guided-call inputs (packed text and what goes with it) and layout, or None for a plain call.
+
+    The default packs ``[positive | negative]`` text (and mask) into the call; a family whose text cannot be packed
+    that way (text-mixing refiners, positions tied to the text length, list inputs) sets ``Adapter.plan``, which then
+    replaces everything after the window check (and may use :func:`guided_rows`).
 
     Args:
         adapter: the model family.
@@ -135,7 +174,7 @@ def plan_call(adapter: Adapter, state: NAGState, access: ArgAccess, args: tuple,
     if config.is_off:
         return None
     text = access.get(adapter.text_arg, args, kwargs)
-    if not isinstance(text, torch.Tensor):
+    if text is None or (adapter.plan is None and not isinstance(text, torch.Tensor)):
         return None
     negative = _current_negative(state, pipeline)
     if negative is None:
@@ -144,8 +183,10 @@ def plan_call(adapter: Adapter, state: NAGState, access: ArgAccess, args: tuple,
         t = access.get(adapter.timestep_arg, args, kwargs)
         if t is not None and not _in_window(adapter, state, t):
             return None
+    if adapter.plan is not None:
+        return adapter.plan(module, access, args, kwargs, negative, state, pipeline, named)
 
-    batch, r = text.shape[0], negative.embeds.shape[0]
+    batch = text.shape[0]
     embeds, mask, extras = negative.embeds, negative.mask, negative.extras
     if mask is not None and adapter.drop_padding:
         if negative.unpadded is None:
@@ -153,20 +194,14 @@ def plan_call(adapter: Adapter, state: NAGState, access: ArgAccess, args: tuple,
         embeds, mask = negative.unpadded
     if embeds.shape[-1] != text.shape[-1]:
         raise ValueError(f"negative embeddings have {embeds.shape[-1]} channels, the prompt's have {text.shape[-1]}")
-    if batch == r:
-        rows = slice(0, batch)
-        if pipeline is not None and not named and negative.positive is not None and not _same(text, negative.positive):
-            return None  # a separate unconditional call (e.g. Kontext/Chroma true CFG), never guided
-    elif r == 1 and pipeline is None:
-        rows = slice(0, batch)
+    found = guided_rows(batch, negative, text, pipeline, named)
+    if found is None:
+        return None
+    rows, expand = found
+    if expand:
         embeds = embeds.expand(batch, -1, -1)
         mask = mask.expand(batch, -1) if mask is not None else None
         extras = {k: v.expand(batch, *v.shape[1:]) for k, v in extras.items()}
-    elif batch == 2 * r:
-        rows = _conditional_half(text, negative.positive, r)
-    else:
-        raise ValueError(f"the negative has {r} rows but the denoiser was called with batch {batch}; expected "
-                         f"{r} (guide all rows) or {2 * r} (batched CFG: guide the conditional half)")
     embeds = embeds.to(device=text.device, dtype=text.dtype)
     ln = embeds.shape[1]
     if rows.stop - rows.start != batch:
