@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="flops: exact counts on the meta device (default); time: wall time and peak memory per "
                             "denoiser call on reduced configs with random weights (about 5 min on 2 CPU cores)")
     bench.add_argument("--family", action="append", default=None,
-                       help="family to benchmark (repeatable; default: all): sd15, sdxl, wan21-t2v-14b, "
-                            "wan21-i2v-14b, pixart-sigma, sana-1.6b, sd35-large, flux1-dev, chroma1-hd")
+                       help="family to benchmark (repeatable; default: all): a name from "
+                            "src/nagkit/bench/configs/, e.g. flux1-dev, sdxl, wan21-t2v-14b (an unknown name lists "
+                            "them all)")
     bench.add_argument("--height", type=int, default=None,
                        help="image height (default: the family's; time mode: the reduced config's)")
     bench.add_argument("--width", type=int, default=None, help="image width (default as --height)")
