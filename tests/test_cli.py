@@ -117,6 +117,18 @@ def test_generate_from_local_folder(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ CFG flags
+def test_cfg_off_without_a_negative_on_true_cfg_pipelines(tmp_path, capsys):
+    """Qwen-Image's default true_cfg_scale is 4, but the pipeline runs CFG only with a negative: none given, the
+    sidecar records no CFG (and FLUX.2-dev's guidance_scale is its distilled guidance, not CFG)."""
+    assert run(["generate", "tiny-qwen-image", "x", "--steps", "2", "--out", str(tmp_path / "q.png"), "--quiet"],
+               capsys)[0] == 0
+    assert sidecar_of(tmp_path / "q.png")["cfg"] is None
+    assert run(["generate", "tiny-flux2-dev", "x", "--steps", "1", "--guidance", "3", "--out",
+                str(tmp_path / "f.png"), "--quiet"], capsys)[0] == 0
+    meta = sidecar_of(tmp_path / "f.png")
+    assert meta["cfg"] is None and meta["guidance"]["value"] == 3.0
+
+
 def test_cfg_flags_act_on_true_cfg_pipelines(tmp_path, capsys):
     """On FLUX-style pipelines --cfg-scale/--cfg-negative drive true_cfg_scale; the embedded model included."""
     base = ["generate", "a circle", "--negative", "red", "--steps", "2", "--quiet"]
@@ -136,6 +148,9 @@ def test_cfg_flags_act_on_true_cfg_pipelines(tmp_path, capsys):
     (["tiny-flux", "x", "--guidance", "4"], "its transformer has no guidance embedding"),
     (["tiny-sd15", "x", "--guidance", "4", "--cfg-scale", "5"], "--guidance and --cfg-scale are the same argument"),
     (["tiny-sd15", "x", "--cfg-negative", "red", "--cfg-scale", "1"], "--cfg-negative has no effect without CFG"),
+    (["tiny-flux2-dev", "x", "--cfg-scale", "4"], "runs no CFG: --cfg-scale/--cfg-negative do not apply"),
+    (["tiny-krea2", "x", "--cfg-negative", "red", "--cfg-scale", "0"], "Krea2Pipeline runs it with guidance_scale > 0"),
+    (["tiny-qwen-image-edit", "x"], "QwenImageEditPipeline needs a conditioning image: --image PATH"),
 ])
 def test_cfg_flags_that_would_do_nothing_are_refused(argv, message, capsys):
     rc, _, err = run(["generate", *argv], capsys)
@@ -254,13 +269,13 @@ def test_info(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["preset"]["name"] == "embedded"  # what generate/demo use
     assert main(["info", "tiny-chroma"]) == 0
     assert "--mode official: not available" in capsys.readouterr().out
-    folder = tmp_path / "qwen"
+    folder = tmp_path / "auraflow"
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "QwenImagePipeline", "transformer": ["diffusers", "QwenImageTransformer2DModel"]}))
+        "_class_name": "AuraFlowPipeline", "transformer": ["diffusers", "AuraFlowTransformer2DModel"]}))
     assert main(["info", str(folder)]) == 1
     out = capsys.readouterr().out
-    assert "not supported: QwenImagePipeline is not a supported pipeline" in out and "StableDiffusionXLPipeline" in out
+    assert "not supported: AuraFlowPipeline is not a supported pipeline" in out and "StableDiffusionXLPipeline" in out
 
 
 # ------------------------------------------------------------------------------------------------ noise and speed

@@ -326,12 +326,15 @@ def test_guided_attention_uses_the_module_backend(flux, backend):
             return original(*args, **kwargs)
 
         ad._AttentionBackendRegistry._backends[name] = counting
+        active = ad._AttentionBackendRegistry._active_backend
         try:
             model.set_attention_backend(backend)
             chosen = model(**inputs)[0]
         finally:
             ad._AttentionBackendRegistry._backends[name] = original
             model.reset_attention_backend()
+            # diffusers' set_attention_backend also sets the process-wide active backend, which its reset leaves
+            ad._AttentionBackendRegistry._active_backend = active
     # 3 blocks: text segments (and, without an LSE from this backend, both image attentions) through the backend
     assert len(calls) >= 2 * 3
     torch.testing.assert_close(chosen, default, atol=1e-4, rtol=1e-4)

@@ -90,8 +90,18 @@ class PipelineSpec:
         encoders: text encoder attributes that ``encode_prompt`` needs to encode a string.
         embeds_args: negative field -> name of the call's own argument carrying it in embedding form
             (``"embeds"``, ``"mask"`` and the ``extras`` keys).
+        cfg_arg: the call argument that sets the CFG scale (``"auto"``: ``true_cfg_scale`` where the pipeline has
+            one, else ``guidance_scale``; ``""``: the pipeline has no CFG, e.g. FLUX.2-dev, whose ``guidance_scale`` is
+            a distilled guidance embedding). Read by the command line.
+        cfg_min: CFG runs when that scale is above this (1 for most pipelines, 0 for Z-Image and Krea 2).
+        requires_image: the pipeline needs a conditioning ``image`` although its signature defaults it to None
+            (edit pipelines); the command line asks for ``--image`` before loading.
         size_multiple: image height/width must be multiples of the VAE's spatial factor times this (2 where the
             pipeline packs 2x2 latent patches: FLUX, SD3, Wan), checked by the command line before loading weights.
+        encode_negative: ``encode_negative(encode, arguments) -> tuple`` replaces ``encode(**arguments)`` for the
+            NAG negative (``arguments``: the call's ``encode_prompt`` arguments with the negatives as ``prompt``),
+            for pipelines that encode their CFG negative differently from prompts in a way ``overrides`` cannot say
+            (Lumina 2: the system prompt goes before prompts only); its tuple is read like ``encode_prompt``'s.
     """
 
     denoisers: tuple[str, ...]
@@ -104,6 +114,10 @@ class PipelineSpec:
     encoders: tuple[str, ...] = ("text_encoder",)
     embeds_args: dict[str, str] = field(default_factory=lambda: {"embeds": "negative_prompt_embeds"})
     size_multiple: int = 1
+    encode_negative: Callable | None = None
+    cfg_arg: str = "auto"
+    cfg_min: float = 1.0
+    requires_image: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,6 +154,8 @@ class Adapter:
         preset: default preset name.
         notes: one line for ``nagkit info``.
         negative_keys: further forward arguments a negative may carry (e.g. Flux's ``pooled_projections``).
+        batch_dims: forward arguments (negative keys) whose batch is not their first dimension -> their batch
+            dimension, for checking and repeating a negative's rows (HiDream's Llama states ``(layers, B, L, C)``: 1).
         prepare: ``prepare(model, access, args, kwargs, negative, packing, state) -> (args, kwargs)``, run after
             the text is packed on a guided call: extra packing (e.g. text position ids) and per-call state.
         official_norm: the norm the official implementation uses for this family (``mode="official"``).
@@ -156,10 +172,20 @@ class Adapter:
         tiny: tiny model name (``"tiny-…"``) -> :class:`TinyModel`.
         bench_inputs: ``bench_inputs(spec, batch, dtype) -> nagkit.bench.families.Inputs``: meta inputs of one
             denoiser call of the shapes in a ``nagkit bench`` family spec (``spec.geometry``), ``batch`` rows.
+        bench_text_flops: ``bench_text_flops(model, spec) -> int``: FLOPs of the negative's pre-block text work that
+            per-token ``text_linears`` patterns cannot describe (layers run on several rows per token, attention
+            among the text's own tokens: Krea 2's text fusion), added to ``nagkit bench``'s analytic minimum of a
+            joint-attention family; None: nothing to add.
+        bench_model: ``bench_model(model) -> model``: makes the meta-device model of ``nagkit bench`` countable where
+            a forward reads tensor values (HiDream's MoE routing): a FLOP-equal stand-in on that model instance only;
+            None: the model as built.
         separate_cfg: the family's pipelines run CFG as two denoiser calls (conditional, then unconditional) instead
             of one call on a doubled batch (Wan, FLUX true CFG, Chroma).
         drop_padding: drop the tokens a negative's padding mask removes before packing (exact where masked keys
             get no attention weight: PixArt, Sana), so a few-word negative padded to 300 tokens costs its own tokens.
+        text_ndim: dimensions of the text embeddings under ``text_arg`` (batch and tokens first), checked on a
+            negative given in embedding form: 3 ``(batch, tokens, channels)``; Krea 2's tapped encoder states
+            ``(batch, tokens, layers, channels)``: 4.
     """
 
     family: str
@@ -173,6 +199,7 @@ class Adapter:
     preset: str = ""
     notes: str = ""
     negative_keys: tuple[str, ...] = ()
+    batch_dims: dict[str, int] = field(default_factory=dict)
     official_norm: str = "l1"
     official: bool = True
     plan: Callable | None = None
@@ -184,8 +211,11 @@ class Adapter:
     presets: dict[str, NAGConfig] = field(default_factory=dict)
     tiny: dict[str, TinyModel] = field(default_factory=dict)
     bench_inputs: Callable | None = None
+    bench_text_flops: Callable | None = None
+    bench_model: Callable | None = None
     separate_cfg: bool = False
     drop_padding: bool = False
+    text_ndim: int = 3
 
     def processor_for(self, processor: object) -> type[NAGProcessor] | None:
         """The NAG processor class that can wrap ``processor`` (by exact class, then subclass), or None."""

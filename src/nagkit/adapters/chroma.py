@@ -6,8 +6,15 @@ everything, without block hooks. Its ``attention_mask`` covers ``[text | image]`
 after the prompt's text, so Chroma's own masking rule holds for the negative segment. No official NAG code exists for
 Chroma, so there is no ``official`` mode.
 
-The family's file: the adapter; the pipeline (``ChromaPipeline``) and preset (``chroma``); the meta inputs of
-``nagkit bench``; the tiny pipeline ``tiny-chroma``.
+Pipeline variants: ``ChromaImg2ImgPipeline`` and ``ChromaInpaintPipeline`` have Chroma's ``encode_prompt`` and
+``[text | image]`` mask and make separate conditional / unconditional calls without ``cache_context`` (the
+unconditional one is recognised by its text and never guided); what they add is image-side. ``ChromaInpaintPipeline``
+reads ``transformer.config.guidance_embeds``, which ``ChromaTransformer2DModel`` does not declare: published configs
+carry it (Chroma1-HD: false); a model built without it fails in diffusers, with or without NAG.
+
+The family's file: the adapter; the pipelines (``ChromaPipeline``, ``ChromaImg2ImgPipeline``,
+``ChromaInpaintPipeline``) and preset (``chroma``); the meta inputs of ``nagkit bench``; the tiny pipeline
+``tiny-chroma``.
 """
 
 from __future__ import annotations
@@ -136,9 +143,11 @@ CHROMA = register_adapter(Adapter(
     prepare=_chroma_prepare,
     pipelines={
         # Chroma returns (prompt_embeds, text_ids, prompt_mask, negative...); the mask keeps Chroma's own rule.
-        "ChromaPipeline": PipelineSpec(denoisers=("transformer",), mask_index=2, preset="chroma", size_multiple=2,
-                                       embeds_args={"embeds": "negative_prompt_embeds",
-                                                    "mask": "negative_prompt_attention_mask"}),
+        # img2img / inpaint: the same encode_prompt, [text | image] mask and separate CFG calls (image-side changes)
+        **dict.fromkeys(("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline"),
+                        PipelineSpec(denoisers=("transformer",), mask_index=2, preset="chroma", size_multiple=2,
+                                     embeds_args={"embeds": "negative_prompt_embeds",
+                                                  "mask": "negative_prompt_attention_mask"})),
     },
     # No official diffusers Chroma code; ComfyUI-NAG's Chroma workflow: nag_scale 5, tau 2.5, alpha 0.25.
     presets={"chroma": NAGConfig(scale=5.0, tau=2.5, alpha=0.25)},

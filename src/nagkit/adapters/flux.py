@@ -15,10 +15,23 @@ embedding is given (bare denoiser without ``pooled_projections`` in ``negative``
 under the negative modulation (so the negative branch sees image keys/values that drift from the image stream), and
 it uses the L2 norm. The double blocks are the same in both modes. ``fast`` keeps one image stream.
 
+Pipeline variants (``FLUX_PIPELINES``, all with ``FluxPipeline``'s ``encode_prompt`` and spec): img2img, inpaint, Fill
+(``in_channels`` 384: masked-image latents and the packed mask concatenated on the image tokens' features), Control and
+Control img2img/inpaint (``in_channels`` 128: control latents on the features), ControlNet and ControlNet
+img2img/inpaint. Condition channels belong to the image tokens before ``x_embedder``: NAG sees ordinary image tokens.
+CFG: the pipelines with true CFG (``FluxPipeline``, Img2Img, Inpaint, ControlNet) make separate conditional and
+unconditional calls (``separate_cfg``); only ``FluxPipeline`` names them with ``cache_context``, elsewhere the
+unconditional call is recognised by its text differing from the encoded prompt and is never guided. Fill, Control and
+ControlNet img2img/inpaint have no true CFG: every call is guided. ControlNet: ``FluxControlNetModel`` runs its own
+joint blocks over the text. Decision: it is left plain, fed the prompt only; NAG is installed on the transformer alone
+(the ControlNet's blocks get neither block hooks nor NAG processors), and its residuals are added to the image stream
+after each block, outside attention, so the guided forward receives them unchanged. Reasons as for the UNet family
+(:mod:`nagkit.adapters.unet`). ``FluxKontextInpaintPipeline`` is not listed (not tested yet).
+
 The family's file: the NAG processor, block hooks and preparation (shared with Chroma, :mod:`nagkit.adapters.chroma`)
-and the adapter; the pipelines (``FluxPipeline``, ``FluxKontextPipeline``) and presets (``flux``, ``flux-kontext``);
-the meta inputs of ``nagkit bench``; the tiny pipelines ``tiny-flux`` (schnell-like), ``tiny-flux-dev`` and
-``tiny-flux-kontext``.
+and the adapter; the pipelines (``FluxPipeline`` and its variants above, ``FluxKontextPipeline``) and presets (``flux``,
+``flux-kontext``); the meta inputs of ``nagkit bench``; the tiny pipelines ``tiny-flux`` (schnell-like),
+``tiny-flux-dev`` and ``tiny-flux-kontext``.
 """
 
 from __future__ import annotations
@@ -399,6 +412,13 @@ _FLUX = PipelineSpec(denoisers=("transformer",), extras={"pooled_projections": 1
 _KONTEXT = PipelineSpec(denoisers=("transformer",), extras={"pooled_projections": 1}, preset="flux-kontext",
                         size_multiple=2,
                         encoders=("text_encoder", "text_encoder_2"), embeds_args=_FLUX_ARGS)
+# The pipelines on this transformer with FluxPipeline's encode_prompt and no reference tokens (Kontext has its own
+# preset). img2img / inpaint / ControlNet (``FluxControlNetModel``, run plain on the prompt; residuals added to the
+# image stream): true CFG as separate calls where the pipeline has it (FluxPipeline, Img2Img, Inpaint, ControlNet).
+# Fill / Control: condition latents concatenated on the image tokens' channels (in_channels 384 / 128); no true CFG.
+FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline",
+                  "FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline",
+                  "FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline")
 # MM-DiT: T5 length 32. Kontext: the output size comes from max_area, and _auto_resize=False keeps an `image=` at its
 # own (tiny) size instead of a ~1 MP preferred one.
 _TINY_CALL = {"height": 64, "width": 64, "max_sequence_length": 32}
@@ -417,7 +437,7 @@ FLUX = register_adapter(Adapter(
     official_norm="l2",  # the official diffusers Flux processor uses the L2 norm
     prepare=_prepare,
     block_forwards={FluxTransformerBlock: _double_block, FluxSingleTransformerBlock: _single_block},
-    pipelines={"FluxPipeline": _FLUX, "FluxKontextPipeline": _KONTEXT},
+    pipelines={**dict.fromkeys(FLUX_PIPELINES, _FLUX), "FluxKontextPipeline": _KONTEXT},
     presets={
         # Official Flux pipeline: alpha 0.25; README FLUX.1-schnell example nag_scale 5 (4 steps, no CFG).
         "flux": NAGConfig(scale=5.0, tau=2.5, alpha=0.25),

@@ -5,9 +5,19 @@ the prompt's pooled embedding — exactly the official SD3 NAG pipeline (its NAG
 embedding). SD3.5-Medium's extra image-only self-attention (``attn2`` of the dual-attention blocks) is not touched.
 Both NAG modes are the same computation here.
 
-The family's file: the NAG processor and the adapter; the pipeline (``StableDiffusion3Pipeline``) and preset
-(``sd3``); the meta inputs of ``nagkit bench``; the tiny pipelines ``tiny-sd3`` and ``tiny-sd35`` (SD3.5 Medium's
-dual-attention block).
+Pipeline variants (``SD3_PIPELINES``, SD3's ``encode_prompt``): img2img, inpaint (image-side: latents blended between
+steps, or mask and masked-image latents on a 33-channel transformer's channels), ControlNet and ControlNet inpainting.
+All batch CFG as ``[uncond, cond]`` in one call like ``StableDiffusion3Pipeline``: the conditional half is guided; the
+unconditional rows' image attention goes through the same log-sum-exp merge as the guided rows', so it equals the plain
+model to float rounding (within 1e-6 on the tiny model), not bit for bit. ControlNet: ``SD3ControlNetModel`` attends to
+the text with its own joint blocks (SD3.5-Large ControlNets take no text). Decision: it is left plain, fed the prompt
+only; NAG is installed on the transformer alone, and the residuals are added to the image stream after each block,
+outside attention, so the guided forward receives them unchanged. Reasons as for the UNet family
+(:mod:`nagkit.adapters.unet`).
+
+The family's file: the NAG processor and the adapter; the pipelines (``StableDiffusion3Pipeline`` and its variants
+above) and preset (``sd3``); the meta inputs of ``nagkit bench``; the tiny pipelines ``tiny-sd3`` and ``tiny-sd35``
+(SD3.5 Medium's dual-attention block).
 """
 
 from __future__ import annotations
@@ -184,6 +194,11 @@ def tiny_sd35_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
 
 
 # ------------------------------------------------------------------------------------------------ registration
+# The pipelines on this transformer (same encode_prompt, batched [uncond, cond] CFG): img2img, inpaint (image-side),
+# ControlNet (``SD3ControlNetModel``, run plain on the prompt; residuals added to the image stream). See the docstring.
+SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline",
+                 "StableDiffusion3ControlNetPipeline", "StableDiffusion3ControlNetInpaintingPipeline")
+
 SD3 = register_adapter(Adapter(
     family="sd3",
     model_class=SD3Transformer2DModel,
@@ -194,10 +209,8 @@ SD3 = register_adapter(Adapter(
     preset="sd3",
     notes="SD3/SD3.5: NAG on the image tokens of every joint attention; the negative text is its own stream "
           "(positive pooled modulation, as official); image->image attention computed once (LSE merge)",
-    pipelines={
-        "StableDiffusion3Pipeline": PipelineSpec(denoisers=("transformer",), preset="sd3", size_multiple=2,
-                                                 encoders=("text_encoder", "text_encoder_2")),
-    },
+    pipelines=dict.fromkeys(SD3_PIPELINES, PipelineSpec(denoisers=("transformer",), preset="sd3", size_multiple=2,
+                                                        encoders=("text_encoder", "text_encoder_2"))),
     # Official SD3 pipeline: alpha 0.125; README SD3.5-Large-Turbo example nag_scale 5 (paper φ=4).
     presets={"sd3": NAGConfig(scale=5.0, tau=2.5, alpha=0.125)},
     tiny={

@@ -10,9 +10,25 @@ Wan's image context.
 Pooled text and time ids (SDXL ``added_cond_kwargs``) stay positive: the negative enters only through the
 cross-attention keys/values, like the official pipeline.
 
+Pipeline variants (``SD15_PIPELINES``, ``SDXL_PIPELINES``; one ``encode_prompt``, so one spec per base model):
+img2img, inpaint, ControlNet, ControlNet img2img and ControlNet inpaint. All batch CFG as ``[uncond, cond]`` in one UNet
+call; the conditional half is guided (found by comparing with the encoded prompt), the unconditional rows stay
+bit-identical. What they add is image-side: img2img starts from noised image latents; an inpainting UNet with 9 input
+channels gets the mask and the masked-image latents concatenated on its channels (a 4-channel one blends latents between
+steps). ControlNet: the ``ControlNetModel`` attends to the text too. Decision: it is left plain, fed the prompt only.
+NAG is installed on the UNet alone; the pipeline calls the ControlNet before the UNet with the unpacked prompt
+embeddings (guess mode: the conditional rows only), and its residuals, added to the UNet's down/mid-block features
+(never to the text), reach the guided UNet forward unchanged. Why: the residuals are a spatial control signal, not the
+text-conditioned attention output NAG is defined on; the official NAG pipelines (FLUX, Kontext, SD3.5, SDXL, Wan)
+have no ControlNet variant to follow; left plain it costs nothing more and keeps scale 1 and the unconditional rows
+exact. A ControlNet given to ``nagkit.apply`` itself is
+refused (not a supported denoiser). Not listed: the ControlNet-Union pipelines (untested: ``ControlNetUnionModel``
+hard-codes 320-wide task embeddings, beyond the tiny fixtures), InstructPix2Pix (three CFG rows ``[text, image-only,
+uncond]``).
+
 The family's file: the NAG processors and the adapter; the pipelines (``StableDiffusionPipeline``,
-``StableDiffusionXLPipeline``) and presets (``sd15``, ``sdxl``); the meta inputs of ``nagkit bench``; the tiny
-pipelines ``tiny-sd15`` and ``tiny-sdxl``.
+``StableDiffusionXLPipeline`` and their variants above) and presets (``sd15``, ``sdxl``); the meta inputs of ``nagkit
+bench``; the tiny pipelines ``tiny-sd15`` and ``tiny-sdxl``.
 """
 
 from __future__ import annotations
@@ -358,6 +374,16 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
 
 
 # ------------------------------------------------------------------------------------------------ registration
+# The pipelines on this UNet (same ``encode_prompt``, batched ``[uncond, cond]`` CFG). Variants: img2img; inpaint with
+# a 4- or 9-channel UNet (mask and masked-image latents concatenated on the channels: image side); ControlNet
+# (``ControlNetModel`` run plain on the prompt, residuals added to UNet features). See the module docstring.
+SD15_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                  "StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+                  "StableDiffusionControlNetInpaintPipeline")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+                  "StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
+                  "StableDiffusionXLControlNetInpaintPipeline")
+
 UNET = register_adapter(Adapter(
     family="unet",
     model_class=UNet2DConditionModel,
@@ -370,8 +396,9 @@ UNET = register_adapter(Adapter(
     notes="SD1.5/SDXL (incl. DMD2, Lightning, Turbo checkpoints): NAG on every cross-attention attn2; default, "
           "fused, sliced and IP-Adapter processors (IP-Adapter image tokens not negated)",
     pipelines={
-        "StableDiffusionPipeline": PipelineSpec(denoisers=("unet",), preset="sd15"),
-        "StableDiffusionXLPipeline": PipelineSpec(denoisers=("unet",), preset="sdxl", encoders=("text_encoder_2",)),
+        **dict.fromkeys(SD15_PIPELINES, PipelineSpec(denoisers=("unet",), preset="sd15")),
+        **dict.fromkeys(SDXL_PIPELINES, PipelineSpec(denoisers=("unet",), preset="sdxl",
+                                                     encoders=("text_encoder_2",))),
     },
     presets={
         # Official SDXL pipeline: alpha 0.5; README DMD2 example nag_scale 3 (paper φ=2).

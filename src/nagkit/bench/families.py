@@ -256,14 +256,20 @@ def build_model(spec: FamilySpec, dtype: torch.dtype = torch.bfloat16) -> torch.
         dtype: parameter dtype (bf16 as deployed; FLOP counts do not depend on it).
 
     Returns:
-        The meta-device model.
+        The meta-device model (passed through the family's ``Adapter.bench_model`` when it has one: HiDream's MoE
+        routing reads values, which meta tensors do not have).
     """
     import diffusers
+
+    from ..adapters.base import find_adapter_class
 
     cls = getattr(diffusers, spec.model_class)
     with _quiet_diffusers(), torch.device("meta"):
         model = cls.from_config(spec.config)  # ignores keys a class version does not take
         model = model.to(dtype)
+    adapter = find_adapter_class(cls)
+    if adapter is not None and adapter.bench_model is not None:
+        model = adapter.bench_model(model)
     return model.eval()
 
 

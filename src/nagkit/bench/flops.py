@@ -265,6 +265,13 @@ def analytic_minimum(model: torch.nn.Module, spec: FamilySpec, shapes: dict[str,
     return total
 
 
+def attention_width(module: torch.nn.Module) -> int:
+    """The query width (heads × head dim) of an attention module: ``to_q.out_features``, or ``inner_dim`` for
+    attentions with a fused projection and no ``to_q`` (FLUX.2's ``Flux2ParallelSelfAttention``)."""
+    to_q = getattr(module, "to_q", None)
+    return to_q.out_features if to_q is not None else module.inner_dim
+
+
 def joint_minimum(model: torch.nn.Module, spec: FamilySpec) -> int:
     """The least extra work of NAG on a joint-attention (MM-DiT) family, in FLOPs.
 
@@ -272,7 +279,8 @@ def joint_minimum(model: torch.nn.Module, spec: FamilySpec) -> int:
     through every text linear layer (``spec.text_linears``: ``2·C_in·C_out`` per token), and in each joint attention
     its queries attend to ``[negative text, image]`` while the image queries attend to the negative's keys once more
     (the image→image and image→prompt attention are not repeated): ``4·C·Ln·(Ln + 2·Li)`` with ``C`` the attention
-    width and ``Li`` the image tokens.
+    width and ``Li`` the image tokens. Pre-block text work that such patterns cannot describe comes from the family's
+    ``Adapter.bench_text_flops`` (Krea 2's text fusion).
 
     Args:
         model: the meta model.
@@ -281,6 +289,8 @@ def joint_minimum(model: torch.nn.Module, spec: FamilySpec) -> int:
     Returns:
         Extra FLOPs over the base forward.
     """
+    from ..adapters.base import find_adapter
+
     g = spec.geometry
     rows, ln, li = g.batch, g.negative_length, g.image_query_tokens
     total = 0
@@ -288,8 +298,11 @@ def joint_minimum(model: torch.nn.Module, spec: FamilySpec) -> int:
         if isinstance(module, torch.nn.Linear) and _matches(name, spec.text_linears):
             total += rows * ln * 2 * module.in_features * module.out_features
         elif _matches(name, spec.joint_attention):
-            width = module.to_q.out_features
+            width = attention_width(module)
             total += rows * 4 * width * ln * (ln + 2 * li)
+    adapter = find_adapter(model)
+    if adapter is not None and adapter.bench_text_flops is not None:
+        total += adapter.bench_text_flops(model, spec)
     return total
 
 
@@ -317,7 +330,7 @@ def shared_image_attention_flops(model: torch.nn.Module, spec: FamilySpec, singl
     total = 0
     for name, module in model.named_modules():
         if _matches(name, spec.joint_attention) and (single_blocks or getattr(module, "add_q_proj", None) is not None):
-            total += g.batch * 4 * module.to_q.out_features * li * li
+            total += g.batch * 4 * attention_width(module) * li * li
     return total
 
 
@@ -496,9 +509,13 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None,
             expected = shared_image_attention_flops(model, spec, single_blocks=True) + image_copy_flops(model, spec)
             explained = "the image→image attention computed twice and the single blocks' work on the image copy"
         else:
-            official, why = (None, "NAG not available") if nag is None else \
-                count_guided(model, inputs, "official", True)
-            record("official", official, why or "mode='official' + force_two_attentions(): two full joint attentions")
+            from ..adapters import find_adapter
+
+            adapter = find_adapter(model)
+            # a family without an official implementation (Z-Image): its fast mode with two full attentions per layer
+            way = "official" if adapter is None or adapter.official else "fast"
+            official, why = (None, "NAG not available") if nag is None else count_guided(model, inputs, way, True)
+            record("official", official, why or f"mode='{way}' + force_two_attentions(): two full joint attentions")
             base = "nag-official"
             expected = shared_image_attention_flops(model, spec)
             explained = "the image→image attention computed twice"

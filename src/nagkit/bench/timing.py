@@ -247,7 +247,7 @@ def materialize(inputs: Inputs, spec: FamilySpec, device: torch.device, dtype: t
 
     Float tensors are standard normal (seeded), timesteps mid-schedule (500, Flux and Chroma 0.5; Flux guidance 3.5),
     text masks ones with the last quarter of the text tokens padded (a prompt shorter than the encoder's length;
-    Chroma's float ``[text | image]`` mask keeps its image part at one).
+    Chroma's float ``[text | image]`` mask keeps its image part at one; boolean masks, Krea 2's, stay boolean).
 
     Args:
         inputs: meta inputs (and negative) of one call.
@@ -265,15 +265,17 @@ def materialize(inputs: Inputs, spec: FamilySpec, device: torch.device, dtype: t
     def real(key: str, x: Any) -> Any:
         if isinstance(x, dict):
             return {k: real(k, v) for k, v in x.items()}
+        if isinstance(x, list):  # per-sample lists (Z-Image's latents and captions)
+            return [real(key, v) for v in x]
         if not isinstance(x, torch.Tensor):
             return x
-        if x.dtype == torch.long or (spec.inputs == "chroma" and key == "attention_mask"):
+        if x.dtype in (torch.long, torch.bool) or (spec.inputs == "chroma" and key == "attention_mask"):
             joint = spec.inputs == "chroma" and x.shape[-1] == g.text_tokens + g.image_query_tokens
             text = g.text_tokens if joint else x.shape[-1]
-            mask = torch.ones(x.shape, dtype=x.dtype if x.dtype == torch.long else dtype)
+            mask = torch.ones(x.shape, dtype=x.dtype if x.dtype in (torch.long, torch.bool) else dtype)
             mask[..., text - text // 4: text] = 0
             return mask.to(device)
-        if key == "timestep":
+        if key in ("timestep", _adapter(spec).timestep_arg):  # Z-Image: "t"
             return torch.full(x.shape, _adapter(spec).timestep_max / 2, device=device)  # mid-schedule
         if key == "guidance":
             return torch.full(x.shape, 3.5, device=device)
@@ -372,7 +374,8 @@ def variant_calls(model: torch.nn.Module, spec: FamilySpec, inputs: Inputs, cfg_
         layout = OfficialLayout(lp=g.text_tokens, ln=g.negative_length)
         official = Call(inputs.kwargs, lambda: reference(model, neg, layout))
     else:
-        official = Call(inputs.kwargs, guided("official", True), guided=True)
+        # a family without an official implementation (HiDream): its fast mode with two full attentions per layer
+        official = Call(inputs.kwargs, guided("official" if _adapter(spec).official else "fast", True), guided=True)
     return {
         "none": [Call(inputs.kwargs)],
         "cfg": [Call(inputs.kwargs)] * 2 if separate_cfg(spec) else [Call(cfg_inputs.kwargs)],
@@ -568,7 +571,8 @@ def time_flops(spec: FamilySpec) -> dict[str, int | None]:
         with reference(model, inputs.negative, OfficialLayout(lp=g.text_tokens, ln=g.negative_length)):
             official = count_flops(lambda: model(**inputs.kwargs))
     else:
-        official, _ = count_guided(model, inputs, "official", two_attentions=True)
+        way = "official" if _adapter(spec).official else "fast"  # no official implementation: fast, two attentions
+        official, _ = count_guided(model, inputs, way, two_attentions=True)
     return {"none": none, "cfg": 2 * none, "nag": nag, "official": official,
             "nag+cfg": None if nag is None else none + nag}
 

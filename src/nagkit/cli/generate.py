@@ -214,39 +214,51 @@ def plan_call(info: ModelInfo, args: argparse.Namespace) -> CallPlan:
     if args.image is not None:
         takes("image", "--image")
         kw["image"] = args.image  # opened after loading
-    elif "image" in params and params["image"].default is inspect.Parameter.empty:
+    elif "image" in params and (params["image"].default is inspect.Parameter.empty or spec.requires_image):
         if info.name == "tiny-wan-i2v":
             plan.builtin_image = True
         else:
             raise CLIError(f"{info.pipeline} needs a conditioning image: --image PATH")
 
     # CFG and guidance: what the pipeline's arguments actually do
-    true_cfg = "true_cfg_scale" in params
-    cfg_arg = "true_cfg_scale" if true_cfg else ("guidance_scale" if "guidance_scale" in params else None)
+    if spec.cfg_arg == "auto":
+        cfg_arg = "true_cfg_scale" if "true_cfg_scale" in params else (
+            "guidance_scale" if "guidance_scale" in params else None)
+    else:
+        cfg_arg = spec.cfg_arg or None
+    if info.index.get("is_distilled"):  # e.g. a step-distilled FLUX.2 Klein: its pipeline never runs CFG
+        cfg_arg = None
+    true_cfg = cfg_arg == "true_cfg_scale"
     guidance_embeds = bool((info.config("transformer") or {}).get("guidance_embeds", False))
+    distilled_guidance = "guidance_scale" in params and cfg_arg != "guidance_scale" and guidance_embeds
     if args.guidance is not None:
         if "guidance_scale" not in params:
             raise CLIError(f"--guidance is not an option of {info.pipeline}")
-        if true_cfg and not guidance_embeds:
-            raise CLIError(f"--guidance has no effect on {info.name}: its transformer has no guidance embedding "
-                           "(a FLUX.1-schnell-style model); for CFG with a negative use --cfg-scale and "
-                           "--cfg-negative")
-        if not true_cfg:  # guidance_scale is the CFG scale here
+        if cfg_arg == "guidance_scale":  # guidance_scale is the CFG scale here
             if args.cfg_scale is not None and args.cfg_scale != args.guidance:
                 raise CLIError(f"--guidance and --cfg-scale are the same argument of {info.pipeline} "
                                "(guidance_scale); give one")
             args.cfg_scale = args.guidance
+        elif not distilled_guidance:
+            raise CLIError(f"--guidance has no effect on {info.name}: its transformer has no guidance embedding "
+                           "(a FLUX.1-schnell-style or distilled model); for CFG with a negative use --cfg-scale and "
+                           "--cfg-negative where the model has CFG")
     if (args.cfg_scale is not None or args.cfg_negative is not None) and cfg_arg is None:
-        raise CLIError(f"{info.pipeline} has no CFG: --cfg-scale/--cfg-negative do not apply")
+        raise CLIError(f"{info.name} ({info.pipeline}) runs no CFG: --cfg-scale/--cfg-negative do not apply "
+                       "(NAG is its negative prompt)")
     if args.cfg_negative is not None:
         takes("negative_prompt", "--cfg-negative")
-    cfg_scale = args.cfg_scale if args.cfg_scale is not None else builtin_defaults.get(cfg_arg,
-                                                                                       _default(params, cfg_arg))
-    cfg_on = cfg_arg is not None and cfg_scale is not None and cfg_scale > 1
+    cfg_scale = None if cfg_arg is None else (
+        args.cfg_scale if args.cfg_scale is not None else builtin_defaults.get(cfg_arg, _default(params, cfg_arg)))
+    cfg_on = cfg_scale is not None and cfg_scale > spec.cfg_min
+    if true_cfg and args.cfg_negative is None and args.cfg_scale is None:
+        cfg_on = False  # FLUX/Qwen-style pipelines run true CFG only with a negative: none given, none run
+        kw[cfg_arg] = 1.0  # say so to the pipeline (Qwen-Image's default 4.0 would warn that it is ignored)
+        plan.cfg_value = None  # a replay gives no scale either
     plan.cfg_value = None if cfg_scale is None else float(cfg_scale)
     if args.cfg_negative is not None and not cfg_on:
-        raise CLIError(f"--cfg-negative has no effect without CFG: {info.pipeline} runs it with {cfg_arg} > 1 "
-                       f"(add --cfg-scale, e.g. 4)")
+        raise CLIError(f"--cfg-negative has no effect without CFG: {info.pipeline} runs it with {cfg_arg} > "
+                       f"{spec.cfg_min:g} (add --cfg-scale, e.g. 4)")
     if cfg_arg is not None and args.cfg_scale is not None:
         kw[cfg_arg] = args.cfg_scale
     if cfg_on:
@@ -256,16 +268,12 @@ def plan_call(info: ModelInfo, args: argparse.Namespace) -> CallPlan:
         if cfg_negative is not None:
             kw["negative_prompt"] = cfg_negative
         plan.cfg = {"argument": cfg_arg, "scale": float(cfg_scale), "negative": cfg_negative}
-    elif true_cfg:
-        kw.pop("negative_prompt", None)
-    if true_cfg and guidance_embeds:
+    if distilled_guidance:
         value = args.guidance if args.guidance is not None else builtin_defaults.get(
             "guidance_scale", _default(params, "guidance_scale"))
         if args.guidance is not None:
             kw["guidance_scale"] = args.guidance
         plan.guidance = {"argument": "guidance_scale", "value": value, "meaning": "distilled guidance embedding"}
-    elif cfg_arg == "guidance_scale" and cfg_on:
-        plan.guidance = None  # recorded as CFG
     for key, value in builtin_defaults.items():
         kw.setdefault(key, value)
 

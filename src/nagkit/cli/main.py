@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg-negative", default=None,
                      help="the pipeline's CFG negative_prompt (needs CFG: --cfg-scale > 1 on FLUX-style pipelines)")
     gen.add_argument("--cfg-scale", type=float, default=None,
-                     help="CFG scale: true_cfg_scale on FLUX-style pipelines, guidance_scale elsewhere (> 1 is on)")
+                     help="CFG scale: true_cfg_scale on FLUX-style pipelines, guidance_scale elsewhere (CFG runs "
+                          "above 1; Z-Image, Krea 2: above 0)")
     gen.add_argument("--nag-scale", type=float, default=None, help="nag_scale = paper phi + 1 (<= 1 is off)")
     gen.add_argument("--nag-tau", type=float, default=None, help="norm cap tau > 0")
     gen.add_argument("--nag-alpha", type=float, default=None, help="blend alpha in [0, 1]")

@@ -139,6 +139,8 @@ def _builtin_index(pipe: Any) -> dict[str, Any]:
     index: dict[str, Any] = {"_class_name": type(pipe).__name__}
     index.update({k: [type(v).__module__.split(".")[0], type(v).__name__] for k, v in pipe.components.items()
                   if v is not None})
+    index.update({k: v for k, v in pipe.config.items()  # registered flags such as FLUX.2 Klein's is_distilled
+                  if k not in pipe.components and not k.startswith("_") and isinstance(v, (bool, int, float, str))})
     return index
 
 

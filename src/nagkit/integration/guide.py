@@ -41,6 +41,11 @@ _MARK = "_nagkit_guide"
 NegativePrompt = str | list[str] | None
 
 
+def _text_shape(ndim: int) -> str:
+    """The layout of text embeddings of ``ndim`` dimensions, for error messages (``Adapter.text_ndim``)."""
+    return "(batch, tokens, channels)" if ndim == 3 else f"{ndim}-D (batch, tokens, ..., channels)"
+
+
 def _check_negative_dict(negative: dict[str, Any], adapter: Adapter) -> Negative:
     allowed = {adapter.text_arg, *adapter.negative_keys} | ({adapter.mask_arg} if adapter.mask_arg else set())
     unknown = set(negative) - allowed
@@ -48,17 +53,24 @@ def _check_negative_dict(negative: dict[str, Any], adapter: Adapter) -> Negative
         raise ValueError(f"negative has keys {sorted(unknown)} that {adapter.model_class.__name__} NAG does not use; "
                          f"allowed keys: {sorted(allowed)}")
     embeds = negative.get(adapter.text_arg)
-    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-        raise ValueError(f"negative[{adapter.text_arg!r}] must be a (batch, tokens, channels) tensor")
+    if isinstance(embeds, (list, tuple)) and adapter.plan is not None:  # per-row lists (Z-Image's cap_feats)
+        if not embeds or len(negative) > 1 or not all(isinstance(e, torch.Tensor) and e.ndim == adapter.text_ndim - 1
+                                                      for e in embeds):
+            raise ValueError(f"negative[{adapter.text_arg!r}] as a list takes one (tokens, channels) tensor per row "
+                             "and no other keys")
+        return Negative(embeds=list(embeds))
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != adapter.text_ndim:
+        raise ValueError(f"negative[{adapter.text_arg!r}] must be a {_text_shape(adapter.text_ndim)} tensor")
     mask = negative.get(adapter.mask_arg) if adapter.mask_arg else None
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != embeds.shape[:2]):
         raise ValueError(f"negative[{adapter.mask_arg!r}] must be a (batch, tokens) tensor matching "
                          f"negative[{adapter.text_arg!r}] {tuple(embeds.shape[:2])}")
     extras = {k: negative[k] for k in adapter.negative_keys if negative.get(k) is not None}
     for key, value in extras.items():
-        if not isinstance(value, torch.Tensor) or value.shape[0] != embeds.shape[0]:
+        dim = adapter.batch_dims.get(key, 0)  # batch not first: e.g. HiDream's Llama states (layers, B, L, C)
+        if not isinstance(value, torch.Tensor) or value.ndim <= dim or value.shape[dim] != embeds.shape[0]:
             raise ValueError(f"negative[{key!r}] must be a tensor with the same batch as "
-                             f"negative[{adapter.text_arg!r}] ({embeds.shape[0]})")
+                             f"negative[{adapter.text_arg!r}] ({embeds.shape[0]}) on its dimension {dim}")
     return Negative(embeds=embeds, mask=mask, extras=extras)
 
 
@@ -70,8 +82,9 @@ def _check_pipeline_embeddings(pipe: Any, spec: PipelineSpec, embeds: torch.Tens
             raise ValueError("negative_prompt_attention_mask / negative_pooled_prompt_embeds need "
                              "negative_prompt_embeds")
         return None
-    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-        raise ValueError("negative_prompt_embeds must be a (batch, tokens, channels) tensor")
+    ndim = adapter_for(pipeline_denoisers(pipe, spec)[0]).text_ndim
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != ndim:
+        raise ValueError(f"negative_prompt_embeds must be a {_text_shape(ndim)} tensor")
     if mask is not None:
         if spec.mask_index is None:
             raise ValueError(f"{type(pipe).__name__} has no text mask: negative_prompt_attention_mask is not used")
@@ -349,7 +362,8 @@ class Guide:
             return out
         arguments = bind_arguments(original, args, kwargs)
         state.negative = encode_negative(self.target, self.spec, state, original, arguments, out,
-                                         self._negative_prompt, self.negative_max_length)
+                                         self._negative_prompt, self.negative_max_length,
+                                         batch_dims=self._denoisers[0].adapter.batch_dims if self._denoisers else None)
         return out
 
     def _require_installed(self) -> None:

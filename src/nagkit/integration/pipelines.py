@@ -89,21 +89,28 @@ def bind_arguments(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, An
     return out
 
 
-def _rows(x: torch.Tensor | None, rows: int, name: str) -> torch.Tensor | None:
-    """``x`` with ``rows`` rows: as is, or each row repeated (one negative per prompt, ``num_*_per_prompt`` > 1)."""
-    if x is None or x.shape[0] == rows:
+def _rows(x: torch.Tensor | None, rows: int, name: str, dim: int = 0) -> torch.Tensor | None:
+    """``x`` with ``rows`` rows (its batch on ``dim``): as is, or each row repeated (one negative per prompt,
+    ``num_*_per_prompt`` > 1). A list (one tensor per row: Z-Image's captions) is repeated as a list."""
+    if isinstance(x, (list, tuple)):
+        if rows % len(x) != 0:
+            raise ValueError(f"{name} has {len(x)} rows, which does not divide the call's {rows} prompt rows; give "
+                             "one row (used for every prompt) or one per prompt")
+        return [v for v in x for _ in range(rows // len(x))]
+    if x is None or x.shape[dim] == rows:
         return x
-    if rows % x.shape[0] != 0:
-        raise ValueError(f"{name} has {x.shape[0]} rows, which does not divide the call's {rows} prompt rows; give "
+    if rows % x.shape[dim] != 0:
+        raise ValueError(f"{name} has {x.shape[dim]} rows, which does not divide the call's {rows} prompt rows; give "
                          "one row (used for every prompt) or one per prompt")
-    return x.repeat_interleave(rows // x.shape[0], dim=0)
+    return x.repeat_interleave(rows // x.shape[dim], dim=dim)
 
 
 def negative_from_embeddings(fields: dict[str, torch.Tensor | None], positive: torch.Tensor,
-                             names: dict[str, str]) -> Negative:
-    """A :class:`Negative` for a call whose prompt embeddings are ``positive`` from embedding-form fields."""
-    rows = positive.shape[0]
-    extras = {k: _rows(v, rows, names.get(k, k)) for k, v in fields.items()
+                             names: dict[str, str], batch_dims: dict[str, int] | None = None) -> Negative:
+    """A :class:`Negative` for a call whose prompt embeddings are ``positive`` from embedding-form fields
+    (``batch_dims``: fields whose batch is not their first dimension, ``Adapter.batch_dims``)."""
+    rows, dims = len(positive), batch_dims or {}  # len: a tensor's batch, or a list's rows (Z-Image)
+    extras = {k: _rows(v, rows, names.get(k, k), dims.get(k, 0)) for k, v in fields.items()
               if k not in ("embeds", "mask") and v is not None}
     return Negative(embeds=_rows(fields["embeds"], rows, names["embeds"]),
                     mask=_rows(fields.get("mask"), rows, names.get("mask", "mask")), positive=positive,
@@ -111,7 +118,8 @@ def negative_from_embeddings(fields: dict[str, torch.Tensor | None], positive: t
 
 
 def encode_negative(pipe: Any, spec: PipelineSpec, state: NAGState, encode: Any, arguments: dict[str, Any],
-                    out: tuple, negative_prompt: str | list[str] | None, max_length: int | None) -> Negative:
+                    out: tuple, negative_prompt: str | list[str] | None, max_length: int | None,
+                    batch_dims: dict[str, int] | None = None) -> Negative:
     """The NAG negative of the pipeline call whose ``encode_prompt`` just returned ``out``.
 
     Args:
@@ -123,6 +131,7 @@ def encode_negative(pipe: Any, spec: PipelineSpec, state: NAGState, encode: Any,
         out: what it returned for the prompt.
         negative_prompt: the guide's NAG negative prompt, or None for the default (the call's CFG negative, else "").
         max_length: optional shorter ``max_sequence_length`` for the negative.
+        batch_dims: embedding-form fields whose batch is not their first dimension (``Adapter.batch_dims``).
 
     Returns:
         The negative, with as many rows as the prompt embeddings.
@@ -132,11 +141,11 @@ def encode_negative(pipe: Any, spec: PipelineSpec, state: NAGState, encode: Any,
             when the number of negatives does not match the prompts.
     """
     positive = out[spec.embeds_index]
-    rows = positive.shape[0]
+    rows = len(positive)  # a tensor's batch, or a list of per-prompt tensors (Z-Image)
     if state.fixed is not None:
         names = {"embeds": "negative_prompt_embeds", "mask": "negative_prompt_attention_mask"}
         fields = {"embeds": state.fixed.embeds, "mask": state.fixed.mask, **state.fixed.extras}
-        return negative_from_embeddings(fields, positive, names)
+        return negative_from_embeddings(fields, positive, names, batch_dims)
     text = negative_prompt
     if text is None:  # official default: the call's CFG negative prompt, else ""
         text = arguments.get("negative_prompt") or state.call_arguments.get("negative_prompt")
@@ -145,7 +154,7 @@ def encode_negative(pipe: Any, spec: PipelineSpec, state: NAGState, encode: Any,
             embeds = call.get(spec.embeds_args["embeds"])
             if embeds is not None:  # the call's CFG negative in embedding form
                 fields = {field_: call.get(arg) for field_, arg in spec.embeds_args.items()}
-                return negative_from_embeddings(fields, positive, spec.embeds_args)
+                return negative_from_embeddings(fields, positive, spec.embeds_args, batch_dims)
             text = ""
     missing = missing_encoders(pipe, spec)
     if missing:
@@ -161,7 +170,8 @@ def encode_negative(pipe: Any, spec: PipelineSpec, state: NAGState, encode: Any,
         if len(negatives) != prompts:
             raise ValueError(f"negative_prompt has {len(negatives)} entries but the call has {prompts} prompts; "
                              "give one string (used for every prompt) or exactly one per prompt")
-    neg = encode(**negative_arguments(arguments, negatives, spec, max_length))
+    call = negative_arguments(arguments, negatives, spec, max_length)
+    neg = encode(**call) if spec.encode_negative is None else spec.encode_negative(encode, call)
     mask = neg[spec.mask_index] if spec.mask_index is not None else None
     extras = {name: neg[index] for name, index in spec.extras.items()}
     return Negative(embeds=neg[spec.embeds_index], mask=mask, positive=positive, extras=extras)

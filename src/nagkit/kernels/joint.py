@@ -65,7 +65,8 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         use_lse: merge partial attentions by log-sum-exp instead of two full image attentions. Default: when the
             device has an LSE kernel (CPU, CUDA, meta) and :func:`force_two_attentions` is not active.
         bias: optional additive attention bias ``(B, 1|H, L, L)`` over the packed sequence (query x key, packed
-            order), e.g. Chroma's outer-product text mask.
+            order), e.g. Chroma's outer-product text mask, or a key-only bias ``(B, 1|H, 1, L)`` (a key-padding mask
+            that every query shares, e.g. Qwen-Image's ``[text mask | ones]``); a boolean keep-mask works too.
         backend: the module's diffusers attention backend (None: diffusers' active one; ``"native"`` for processors
             that call PyTorch's SDPA directly).
 
@@ -88,8 +89,13 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     def keys(text: slice, x: torch.Tensor) -> torch.Tensor:  # same key order as the model's own joint sequence
         return torch.cat([seg(x, text), seg(x, si)] if text_first else [seg(x, si), seg(x, text)], dim=2)
 
+    # a key-only bias (size-1 query axis) applies to every query: slice its key axis only (it broadcasts)
+    key_only = bias is not None and bias.shape[-2] == 1 and total > 1
+
     def block(qs: slice, ks: slice) -> torch.Tensor | None:
-        return None if bias is None else bias[:, :, qs, ks]
+        if bias is None:
+            return None
+        return bias[:, :, :, ks] if key_only else bias[:, :, qs, ks]
 
     def block_keys(qs: slice, text: slice) -> torch.Tensor | None:
         if bias is None:
@@ -109,7 +115,9 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     dead_n = dead_rows(None if bias is None else bias[..., sn])
 
     def dead(d: torch.Tensor | None, qs: slice) -> torch.Tensor | None:
-        return None if d is None else d[..., qs]
+        if d is None or key_only:  # key-only: one row per batch/head, shared (broadcast) by all queries
+            return d
+        return d[..., qs]
     q_i = seg(query, si)
     def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return attend(q, k, v, mask, backend)

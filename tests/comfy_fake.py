@@ -1,0 +1,482 @@
+"""A minimal fake of the ComfyUI interfaces nagkit's ComfyUI pack uses, for CI without ComfyUI.
+
+Written for these tests from the interface descriptions in ``shared/research/comfyui-notes.md`` (no ComfyUI code):
+
+* a model patcher: ``clone`` (deep-copies ``model_options``, shallow-copies the wrapper lists), ``model_options``,
+  ``set_model_patch_replace``, ``set_model_patch``, ``add_wrapper_with_key`` / ``remove_wrappers_with_key``,
+  ``get_model_object``;
+* wrapper executors (``OUTER_SAMPLE``, ``PREDICT_NOISE``, ``APPLY_MODEL``) with ``class_obj``;
+* an attention function that honours ``transformer_options["optimized_attention_override"]``;
+* a guider/sampler loop that batches ``[uncond, cond]`` (``cond_or_uncond == [1, 0]``) when cfg != 1 and skips the
+  uncond pass at cfg 1, with per-run and per-call copies of the options dicts;
+* tiny models with the structure the pack detects: FLUX-like (``double_blocks``/``single_blocks``/``txt_in``, ``dit``
+  replaces, heads-first joint attention), SD3-like (``joint_blocks``, ``(B, L, H·D)`` joint attention plus an
+  image-only second attention), UNet-like (``attn2_patch``) and Wan-like (``dit`` double-block replace around a
+  cross-attention block).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PACK_DIR = Path(__file__).resolve().parents[1] / "comfyui"
+OVERRIDE = "optimized_attention_override"
+
+
+def load_pack(name: str = "nagkit_comfyui_pack") -> Any:
+    """Import the pack folder as a package (the way ComfyUI's loader does: a spec on its ``__init__.py``)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, PACK_DIR / "__init__.py",
+                                                  submodule_search_locations=[str(PACK_DIR)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------------- executors
+class Executor:
+    """Calls the wrappers in order, then ``fn``; ``class_obj`` is the object whose method is wrapped."""
+
+    def __init__(self, fn: Callable, class_obj: Any, wrappers: list, index: int = 0) -> None:
+        self.fn, self.class_obj, self.wrappers, self.index = fn, class_obj, wrappers, index
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.index < len(self.wrappers):
+            nxt = Executor(self.fn, self.class_obj, self.wrappers, self.index + 1)
+            return self.wrappers[self.index](nxt, *args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+
+def wrappers_of(transformer_options: dict, kind: str) -> list:
+    return [w for ws in transformer_options.get("wrappers", {}).get(kind, {}).values() for w in ws]
+
+
+def copy_nested(d: dict) -> dict:
+    """Copies dicts (recursively) and lists; other values are shared, as ComfyUI's option copies do."""
+    out = dict(d)
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out[k] = copy_nested(v)
+        elif isinstance(v, list):
+            out[k] = list(v)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- attention
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: Any = None, attn_precision: Any = None,
+         skip_reshape: bool = False, skip_output_reshape: bool = False, **kwargs: Any) -> torch.Tensor:
+    if not skip_reshape:
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
+
+
+def attention(*args: Any, **kwargs: Any) -> torch.Tensor:
+    to = kwargs.get("transformer_options")
+    if to and OVERRIDE in to:
+        return to[OVERRIDE](sdpa, *args, **kwargs)
+    return sdpa(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- patcher
+class FlowSampling:
+    """``percent_to_sigma`` of a flow model (sigma = 1 - percent)."""
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return 1.0 - percent
+
+
+class BaseModel(nn.Module):
+    """``apply_model`` with ``APPLY_MODEL`` wrappers from ``transformer_options`` (flow: denoised = x - sigma·v)."""
+
+    def __init__(self, diffusion_model: nn.Module) -> None:
+        super().__init__()
+        self.diffusion_model = diffusion_model
+        self.model_sampling = FlowSampling()
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, c_concat: Any = None, c_crossattn: Any = None,
+                    control: Any = None, transformer_options: dict | None = None, **kwargs: Any) -> torch.Tensor:
+        to = transformer_options if transformer_options is not None else {}
+        return Executor(self._apply_model, self, wrappers_of(to, "apply_model"))(
+            x, t, c_concat, c_crossattn, control, to, **kwargs)
+
+    def _apply_model(self, x: torch.Tensor, t: torch.Tensor, c_concat: Any, c_crossattn: Any, control: Any,
+                     transformer_options: dict, **kwargs: Any) -> torch.Tensor:
+        v = self.diffusion_model(x, t, c_crossattn, transformer_options=transformer_options)
+        return x - t.view(-1, *([1] * (x.ndim - 1))) * v
+
+
+class Patcher:
+    def __init__(self, model: BaseModel) -> None:
+        self.model = model
+        self.model_options: dict = {"transformer_options": {}}
+        self.wrappers: dict = {}
+
+    def clone(self) -> Patcher:
+        n = Patcher.__new__(Patcher)
+        n.model = self.model
+        n.model_options = copy.deepcopy(self.model_options)
+        n.wrappers = {k: {k1: list(v1) for k1, v1 in v.items()} for k, v in self.wrappers.items()}
+        return n
+
+    def get_model_object(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def set_model_patch_replace(self, patch: Any, name: str, block_name: str, number: int) -> None:
+        to = dict(self.model_options["transformer_options"])
+        replaces = dict(to.get("patches_replace", {}))
+        replaces[name] = dict(replaces.get(name, {}))
+        replaces[name][(block_name, number)] = patch
+        to["patches_replace"] = replaces
+        self.model_options["transformer_options"] = to
+
+    def set_model_patch(self, patch: Any, name: str) -> None:
+        to = self.model_options["transformer_options"]
+        patches = to.setdefault("patches", {})
+        patches[name] = patches.get(name, []) + [patch]
+
+    def add_wrapper_with_key(self, kind: str, key: str, wrapper: Callable) -> None:
+        self.wrappers.setdefault(kind, {}).setdefault(key, []).append(wrapper)
+
+    def remove_wrappers_with_key(self, kind: str, key: str) -> None:
+        self.wrappers.get(kind, {}).pop(key, None)
+
+
+# --------------------------------------------------------------------------------------------- sampling
+class Guider:
+    """CFG guider + Euler sampler over a flow schedule; records every ``apply_model`` call's ``cond_or_uncond``."""
+
+    def __init__(self, patcher: Patcher, positive: torch.Tensor, negative: torch.Tensor | None, cfg: float) -> None:
+        self.model_patcher = patcher
+        self.original_conds = {"positive": [{"cross_attn": positive}],
+                               "negative": [] if negative is None else [{"cross_attn": negative}]}
+        self.cfg = cfg
+        self.calls: list[list[int]] = []
+
+    def sample(self, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        self.model_options = copy_nested(self.model_patcher.model_options)
+        to = self.model_options["transformer_options"]
+        to["wrappers"] = {k: {k1: list(v1) for k1, v1 in v.items()} for k, v in self.model_patcher.wrappers.items()}
+        return Executor(self.outer_sample, self, wrappers_of(to, "outer_sample"))(noise, sigmas)
+
+    def outer_sample(self, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        options = copy_nested(self.model_options)
+        x = noise * sigmas[0]
+        for i in range(len(sigmas) - 1):
+            s = sigmas[i]
+            predict = Executor(self.predict_noise, self, wrappers_of(self.model_options["transformer_options"],
+                                                                     "predict_noise"))
+            denoised = predict(x, s.expand(x.shape[0]), options, None)
+            x = x + (sigmas[i + 1] - s) * (x - denoised) / s
+        return x
+
+    def predict_noise(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, seed: Any) -> torch.Tensor:
+        model = self.model_patcher.model
+        pos = self.original_conds["positive"][0]["cross_attn"]
+        negs = self.original_conds["negative"]
+
+        def call(cou: list[int], contexts: list[torch.Tensor]) -> list[torch.Tensor]:
+            to = copy_nested(model_options["transformer_options"])
+            to["cond_or_uncond"] = list(cou)
+            to["sigmas"] = torch.cat([sigma] * len(cou))
+            self.calls.append(list(cou))
+            xs = torch.cat([x] * len(cou))
+            ctx = torch.cat([c.expand(x.shape[0], -1, -1) for c in contexts])
+            return list(model.apply_model(xs, to["sigmas"], c_crossattn=ctx, transformer_options=to)
+                        .chunk(len(cou)))
+
+        if math.isclose(self.cfg, 1.0) or not negs:
+            return call([0], [pos])[0]
+        neg = negs[0]["cross_attn"]
+        if neg.shape == pos.shape:  # batched together, uncond first (as ComfyUI orders them)
+            uncond, cond = call([1, 0], [neg, pos])
+        else:
+            uncond, cond = call([1], [neg])[0], call([0], [pos])[0]
+        return uncond + self.cfg * (cond - uncond)
+
+
+def flow_sigmas(steps: int) -> torch.Tensor:
+    return torch.linspace(1.0, 0.0, steps + 1)
+
+
+def sample(patcher: Patcher, positive: torch.Tensor, negative: torch.Tensor | None, cfg: float = 1.0,
+           steps: int = 3, batch: int = 1, seed: int = 0, guider: Guider | None = None) -> torch.Tensor:
+    dm = patcher.model.diffusion_model
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, *dm.latent_shape, generator=g)
+    guider = guider or Guider(patcher, positive, negative, cfg)
+    with torch.no_grad():
+        return guider.sample(noise, flow_sigmas(steps))
+
+
+# --------------------------------------------------------------------------------------------- models
+def _init(module: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.15 if p.ndim > 1 else 0.05))
+    return module
+
+
+class FluxDouble(nn.Module):
+    flipped_img_txt = False
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.img_qkv, self.txt_qkv = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
+        self.img_out, self.txt_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
+                attn_mask: Any = None, transformer_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        def qkv(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            return lin(x + vec[:, None]).view(x.shape[0], x.shape[1], 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+
+        iq, ik, iv = qkv(self.img_qkv, img)
+        tq, tk, tv = qkv(self.txt_qkv, txt)
+        q, k, v = torch.cat((tq, iq), 2) + pe, torch.cat((tk, ik), 2) + pe, torch.cat((tv, iv), 2)
+        a = attention(q, k, v, self.heads, skip_reshape=True, mask=attn_mask, transformer_options=transformer_options)
+        return img + self.img_out(a[:, txt.shape[1]:]), txt + self.txt_out(a[:, : txt.shape[1]])
+
+
+class FluxSingle(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor, attn_mask: Any = None,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        q, k, v = self.qkv(x + vec[:, None]).view(x.shape[0], x.shape[1], 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = attention(q + pe, k + pe, v, self.heads, skip_reshape=True, mask=attn_mask,
+                      transformer_options=transformer_options)
+        return x + self.out(a)
+
+
+def _replace(to: dict, key: tuple, honour: bool) -> Callable | None:
+    return to.get("patches_replace", {}).get("dit", {}).get(key) if honour else None
+
+
+class FakeFlux(nn.Module):
+    """FLUX-like MM-DiT: text-first joint attention, ``dit`` double/single replaces, zero text positions."""
+
+    def __init__(self, seed: int = 0, dim: int = 16, heads: int = 2, ctx: int = 12, tokens: int = 16,
+                 channels: int = 4) -> None:
+        super().__init__()
+        self.latent_shape = (tokens, channels)
+        self.img_in, self.txt_in = nn.Linear(channels, dim), nn.Linear(ctx, dim)
+        self.time_in, self.final = nn.Linear(1, dim), nn.Linear(dim, channels)
+        self.double_blocks = nn.ModuleList([FluxDouble(dim, heads) for _ in range(2)])
+        self.single_blocks = nn.ModuleList([FluxSingle(dim, heads) for _ in range(2)])
+        self.honour_replaces = True
+        self.head_dim = dim // heads
+        _init(self, seed)
+
+    def pe(self, n_txt: int, n_img: int) -> torch.Tensor:
+        pos = torch.cat([torch.zeros(n_txt), torch.arange(1, n_img + 1, dtype=torch.float32)])
+        freq = torch.arange(self.head_dim, dtype=torch.float32)
+        return 0.1 * torch.sin(pos[:, None] * (freq[None] + 1) * 0.3)[None, None]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        to = transformer_options or {}
+        img, txt, vec = self.img_in(x), self.txt_in(context), self.time_in(t.view(-1, 1).to(x.dtype))
+        pe = self.pe(txt.shape[1], img.shape[1])
+        for i, block in enumerate(self.double_blocks):
+            replace = _replace(to, ("double_block", i), self.honour_replaces)
+            if replace is None:
+                img, txt = block(img, txt, vec, pe, None, to)
+            else:
+                def original(args: dict, block: nn.Module = block) -> dict:
+                    out = block(args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"),
+                                args.get("transformer_options"))
+                    return {"img": out[0], "txt": out[1]}
+                out = replace({"img": img, "txt": txt, "vec": vec, "pe": pe, "attn_mask": None,
+                               "transformer_options": to}, {"original_block": original})
+                img, txt = out["img"], out["txt"]
+        img = torch.cat((txt, img), 1)
+        for i, block in enumerate(self.single_blocks):
+            replace = _replace(to, ("single_block", i), self.honour_replaces)
+            if replace is None:
+                img = block(img, vec, pe, None, to)
+            else:
+                def original(args: dict, block: nn.Module = block) -> dict:
+                    return {"img": block(args["img"], args["vec"], args["pe"], args.get("attn_mask"),
+                                         args.get("transformer_options"))}
+                img = replace({"img": img, "vec": vec, "pe": pe, "attn_mask": None, "transformer_options": to},
+                              {"original_block": original})["img"]
+        return self.final(img[:, txt.shape[1]:])
+
+
+class SD3Joint(nn.Module):
+    """SD3-like joint block: ``(B, L, H·D)`` attention over ``[ctx; x]`` plus (SD3.5-M) an image-only attention."""
+
+    def __init__(self, dim: int, heads: int, self_attn: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.c_qkv, self.x_qkv = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
+        self.c_out, self.x_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.x_qkv2 = nn.Linear(dim, 3 * dim) if self_attn else None
+
+    def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor,
+                transformer_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        cq, ck, cv = self.c_qkv(context + c[:, None]).chunk(3, -1)
+        xq, xk, xv = self.x_qkv(x + c[:, None]).chunk(3, -1)
+        a = attention(torch.cat((cq, xq), 1), torch.cat((ck, xk), 1),
+                      torch.cat((cv, xv), 1).unflatten(-1, (self.heads, -1)),  # v 4-D, as SD3's split_qkv gives it
+                      heads=self.heads, transformer_options=transformer_options)
+        out = x + self.x_out(a[:, context.shape[1]:])
+        if self.x_qkv2 is not None:
+            q2, k2, v2 = self.x_qkv2(x).chunk(3, -1)
+            out = out + attention(q2, k2, v2, heads=self.heads, transformer_options=transformer_options)
+        return context + self.c_out(a[:, : context.shape[1]]), out
+
+
+class FakeSD3(nn.Module):
+    def __init__(self, seed: int = 0, dim: int = 16, heads: int = 2, ctx: int = 12, tokens: int = 16,
+                 channels: int = 4) -> None:
+        super().__init__()
+        self.latent_shape = (tokens, channels)
+        self.x_embedder, self.context_embedder = nn.Linear(channels, dim), nn.Linear(ctx, dim)
+        self.t_embedder, self.final = nn.Linear(1, dim), nn.Linear(dim, channels)
+        self.joint_blocks = nn.ModuleList([SD3Joint(dim, heads, self_attn=i == 0) for i in range(2)])
+        self.register_length = 0
+        self.context_processor = None
+        _init(self, seed)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        to = transformer_options or {}
+        h, ctx, c = self.x_embedder(x), self.context_embedder(context), self.t_embedder(t.view(-1, 1).to(x.dtype))
+        for i, block in enumerate(self.joint_blocks):
+            replace = _replace(to, ("double_block", i), True)
+            if replace is None:
+                ctx, h = block(ctx, h, c, to)
+            else:
+                def original(args: dict, block: nn.Module = block) -> dict:
+                    txt, img = block(args["txt"], args["img"], args["vec"], args["transformer_options"])
+                    return {"txt": txt, "img": img}
+                out = replace({"img": h, "txt": ctx, "vec": c, "transformer_options": to},
+                              {"original_block": original})
+                ctx, h = out["txt"], out["img"]
+        return self.final(h)
+
+
+class CrossBlock(nn.Module):
+    """UNet ``BasicTransformerBlock``-like: self-attention, then cross-attention after the ``attn2_patch`` list."""
+
+    def __init__(self, dim: int, heads: int, ctx: int, index: int) -> None:
+        super().__init__()
+        self.heads, self.index = heads, index
+        self.attn1 = nn.Linear(dim, 3 * dim)
+        self.attn2 = nn.ModuleDict({"q": nn.Linear(dim, dim), "k": nn.Linear(ctx, dim), "v": nn.Linear(ctx, dim),
+                                    "o": nn.Linear(dim, dim)})
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, to: dict) -> torch.Tensor:
+        extra = {k: v for k, v in to.items() if k not in ("patches", "patches_replace")}
+        extra["block"], extra["transformer_index"] = ("input", self.index), 0
+        q, k, v = self.attn1(x).chunk(3, -1)
+        x = x + attention(q, k, v, self.heads, transformer_options=to)
+        n, ctx, val = x, context, context
+        for patch in to.get("patches", {}).get("attn2_patch", []):
+            n, ctx, val = patch(n, ctx, val, extra)
+        a = self.attn2
+        return x + a["o"](attention(a["q"](n), a["k"](ctx), a["v"](val), self.heads, transformer_options=to))
+
+
+class FakeUNet(nn.Module):
+    def __init__(self, seed: int = 0, dim: int = 16, heads: int = 2, ctx: int = 12, tokens: int = 16,
+                 channels: int = 4) -> None:
+        super().__init__()
+        self.latent_shape = (tokens, channels)
+        self.inp, self.time, self.out = nn.Linear(channels, dim), nn.Linear(1, dim), nn.Linear(dim, channels)
+        self.input_blocks = nn.ModuleList([CrossBlock(dim, heads, ctx, 0)])
+        self.middle_block = CrossBlock(dim, heads, ctx, 1)
+        self.output_blocks = nn.ModuleList([CrossBlock(dim, heads, ctx, 2)])
+        _init(self, seed)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        to = transformer_options or {}
+        h = self.inp(x) + self.time(t.view(-1, 1).to(x.dtype))[:, None]
+        for block in [*self.input_blocks, self.middle_block, *self.output_blocks]:
+            h = block(h, context, to)
+        return self.out(h)
+
+
+class WanCross(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, to: dict) -> torch.Tensor:
+        return self.o(attention(self.q(x), self.k(context), self.v(context), heads=self.heads, transformer_options=to))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.self_attn = nn.Linear(dim, 3 * dim)
+        self.cross_attn = WanCross(dim, heads)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, to: dict) -> torch.Tensor:
+        q, k, v = self.self_attn(x + e[:, None]).chunk(3, -1)
+        x = x + attention(q, k, v, heads=self.heads, transformer_options=to)
+        return x + self.cross_attn(x, context, to)
+
+
+class FakeWan(nn.Module):
+    def __init__(self, seed: int = 0, dim: int = 16, heads: int = 2, ctx: int = 12, tokens: int = 16,
+                 channels: int = 4) -> None:
+        super().__init__()
+        self.latent_shape = (tokens, channels)
+        self.patch_embedding, self.time, self.head = nn.Linear(channels, dim), nn.Linear(1, dim), nn.Linear(dim,
+                                                                                                             channels)
+        self.text_embedding = nn.Sequential(nn.Linear(ctx, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([WanBlock(dim, heads) for _ in range(2)])
+        _init(self, seed)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        to = transformer_options or {}
+        h, e = self.patch_embedding(x), self.time(t.view(-1, 1).to(x.dtype))
+        context = self.text_embedding(context)
+        for i, block in enumerate(self.blocks):
+            replace = _replace(to, ("double_block", i), True)
+            if replace is None:
+                h = block(h, e, context, to)
+            else:
+                def original(args: dict, block: nn.Module = block) -> dict:
+                    return {"img": block(args["img"], args["vec"], args["txt"], args["transformer_options"])}
+                h = replace({"img": h, "txt": context, "vec": e, "pe": None, "transformer_options": to},
+                            {"original_block": original})["img"]
+        return self.head(h)
+
+
+MODELS = {"flux": FakeFlux, "sd3": FakeSD3, "unet": FakeUNet, "wan": FakeWan}
+
+
+def patcher(kind: str, seed: int = 0, **sizes: int) -> Patcher:
+    return Patcher(BaseModel(MODELS[kind](seed, **sizes)))
+
+
+def text(seed: int, length: int = 5, width: int = 12) -> torch.Tensor:
+    return torch.randn(1, length, width, generator=torch.Generator().manual_seed(seed))

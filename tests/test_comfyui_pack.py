@@ -1,0 +1,377 @@
+"""Contract tests of the ComfyUI pack's glue (``comfyui/glue.py``) against a fake of the ComfyUI interfaces it uses.
+
+No ComfyUI needed. The same behaviours are asserted against real ComfyUI models in ``test_comfyui_integration.py``
+(run when ``COMFY_DIR`` points at a ComfyUI checkout).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from . import comfy_fake as fake
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    tomllib = None
+
+pack = fake.load_pack()
+from nagkit_comfyui_pack import glue  # noqa: E402 - registered by load_pack
+
+KINDS = ["flux", "sd3", "unet", "wan"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nag(p: fake.Patcher, negative: torch.Tensor | None, scale: float = 5.0, **kw: object) -> fake.Patcher:
+    return glue.patch_model(p, negative, glue.NAGSettings(scale=scale, **kw))
+
+
+def guided_calls(p: fake.Patcher) -> tuple[fake.Patcher, list]:
+    """A clone whose innermost APPLY_MODEL wrapper records (cond_or_uncond, guided?, output) of every call."""
+    p = p.clone()
+    seen: list = []
+
+    def spy(executor, x, t, c_concat, c_crossattn, control, to, **kw):  # noqa: ANN001, ANN202
+        out = executor(x, t, c_concat, c_crossattn, control, to, **kw)
+        seen.append((list(to.get("cond_or_uncond", [])), glue.STATE_KEY in to, out.clone()))
+        return out
+
+    p.add_wrapper_with_key(glue.APPLY_MODEL, "zz.spy", spy)
+    return p, seen
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scale_one_is_bit_identical(kind: str) -> None:
+    base = fake.patcher(kind)
+    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    for cfg in (1.0, 3.0):
+        ref = fake.sample(base, pos, neg, cfg)
+        assert torch.equal(fake.sample(nag(base, nag_neg, scale=1.0), pos, neg, cfg), ref)
+        assert torch.equal(fake.sample(nag(base, nag_neg, alpha=0.0), pos, neg, cfg), ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_negative_equal_to_prompt_is_close_to_unpatched(kind: str) -> None:
+    base = fake.patcher(kind)
+    pos, neg = fake.text(1), fake.text(2)
+    ref = fake.sample(base, pos, neg)
+    out = fake.sample(nag(base, pos), pos, neg)
+    assert (out - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["wan", "unet"])
+def test_cross_attention_when_image_tokens_equal_text_tokens(kind: str) -> None:
+    """Image tokens == prompt + negative tokens: self-attention has the cross-attention's key length too; NAG still
+    guides the cross-attention (negative == prompt ~ unpatched, a different negative changes the output)."""
+    base = fake.patcher(kind, tokens=10)
+    pos, neg = fake.text(1), fake.text(2)
+    ref = fake.sample(base, pos, neg)
+    assert (fake.sample(nag(base, pos), pos, neg) - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert (fake.sample(nag(base, fake.text(3)), pos, neg) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_different_negative_changes_output_and_stays_finite(kind: str, cfg: float) -> None:
+    base = fake.patcher(kind)
+    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    ref = fake.sample(base, pos, neg, cfg)
+    out = fake.sample(nag(base, nag_neg), pos, neg, cfg)
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attention", ["auto", "comfy"])
+def test_uncond_rows_bit_identical_in_a_batched_call(kind: str, attention: str) -> None:
+    base = fake.patcher(kind)
+    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    plain, seen_plain = guided_calls(base)
+    fake.sample(plain, pos, neg, 3.0, steps=1, batch=2)
+    patched, seen = guided_calls(nag(base, nag_neg, attention=attention))
+    fake.sample(patched, pos, neg, 3.0, steps=1, batch=2)
+    (cou, guided, out), (_, _, ref) = seen[0], seen_plain[0]
+    assert cou == [1, 0] and guided
+    assert torch.equal(out[:2], ref[:2])  # uncond rows: untouched
+    assert (out[2:] - ref[2:]).abs().max() > 1e-4  # cond rows: guided
+
+
+@pytest.mark.parametrize("kind", ["flux", "unet"])
+def test_non_contiguous_cond_rows(kind: str) -> None:
+    """cond_or_uncond [0, 1, 0] (two prompts around a negative): each cond row as guided alone, uncond untouched."""
+    base = fake.patcher(kind)
+    p = nag(base, fake.text(3, length=7))
+    model = base.model
+    x = torch.randn(3, *model.diffusion_model.latent_shape, generator=torch.Generator().manual_seed(0))
+    ctx = torch.cat([fake.text(1), fake.text(2), fake.text(4)])
+    sigma = torch.full((3,), 0.7)
+
+    def call(patched: fake.Patcher, rows: list[int], cou: list[int]) -> torch.Tensor:
+        to = fake.copy_nested(patched.model_options["transformer_options"])
+        to["wrappers"] = patched.wrappers
+        to["cond_or_uncond"], to["sigmas"] = cou, sigma[rows]
+        with torch.no_grad():
+            return model.apply_model(x[rows], sigma[rows], c_crossattn=ctx[rows], transformer_options=to)
+
+    together = call(p, [0, 1, 2], [0, 1, 0])
+    assert torch.allclose(together[0], call(p, [0], [0])[0], atol=1e-5)
+    assert torch.allclose(together[2], call(p, [2], [0])[0], atol=1e-5)
+    assert torch.allclose(together[1], call(base, [1], [1])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+def test_latent_batch_two_matches_rows_sampled_alone(kind: str) -> None:
+    base = fake.patcher(kind)
+    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    p = nag(base, nag_neg)
+    both = fake.sample(p, pos, neg, 3.0, batch=2, seed=5)
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(2, *base.model.diffusion_model.latent_shape, generator=g)
+    for row in range(2):
+        guider = fake.Guider(p, pos, neg, 3.0)
+        with torch.no_grad():
+            alone = guider.sample(noise[row:row + 1], fake.flow_sigmas(3))
+        assert torch.allclose(both[row:row + 1], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_batched_negative_per_latent(cfg: float) -> None:
+    base = fake.patcher("flux")
+    pos, neg = fake.text(1), fake.text(2)
+    negs = torch.cat([fake.text(3, length=7), fake.text(4, length=7)])
+    both = fake.sample(nag(base, negs), pos, neg, cfg, batch=2, seed=5)
+    first = fake.sample(nag(base, negs[:1]), pos, neg, cfg, batch=2, seed=5)
+    assert torch.allclose(both[0], first[0], atol=1e-6) and not torch.allclose(both[1], first[1], atol=1e-4)
+
+
+def test_start_end_window_counts() -> None:
+    base = fake.patcher("flux")
+    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    sampling = base.get_model_object("model_sampling")
+    for start, end, expected in ((0.0, 1.0, 4), (0.0, 0.5, 3), (0.5, 1.0, 2), (0.3, 0.6, 1)):
+        start_sigma = sampling.percent_to_sigma(start) if start > 0 else float("inf")
+        end_sigma = sampling.percent_to_sigma(end) if end < 1 else float("-inf")
+        p, seen = guided_calls(nag(base, nag_neg, sigma_start=start_sigma, sigma_end=end_sigma))
+        fake.sample(p, pos, neg, steps=4)
+        assert sum(guided for _, guided, _ in seen) == expected, (start, end)  # sigmas 1, .75, .5, .25
+
+
+def test_window_from_percent_uses_model_sampling() -> None:
+    base = fake.patcher("flux")
+    assert glue.percent_window(base, 0.0, 1.0) == (float("inf"), float("-inf"))
+    assert glue.percent_window(base, 0.25, 0.5) == (0.75, 0.5)
+    with pytest.raises(ValueError):
+        glue.percent_window(base, 0.6, 0.5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_previous_attention_override_is_chained(kind: str) -> None:
+    base = fake.patcher(kind)
+    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    calls = []
+
+    def counting(func, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(1)
+        return func(*args, **kwargs)
+
+    with_override = base.clone()
+    with_override.model_options["transformer_options"][glue.OVERRIDE] = counting
+    ref = fake.sample(nag(base, nag_neg, attention="comfy"), pos, neg, steps=2)
+    out = fake.sample(nag(with_override, nag_neg), pos, neg, steps=2)
+    assert calls, "the previous override was not called"
+    assert torch.allclose(out, ref, atol=1e-5)
+    fast = fake.sample(nag(base, nag_neg), pos, neg, steps=2)
+    assert torch.allclose(fast, ref, atol=1e-4)  # log-sum-exp split == two attentions
+
+
+def test_previous_block_replace_is_chained_and_nag_replaces_nag() -> None:
+    base = fake.patcher("flux")
+    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    calls = []
+
+    def theirs(args, extra):  # noqa: ANN001, ANN202
+        calls.append(len(args["txt"][0]))
+        return extra["original_block"](args)
+
+    other = base.clone()
+    other.set_model_patch_replace(theirs, "dit", "double_block", 0)
+    out = fake.sample(nag(other, nag_neg), pos, neg, steps=1)
+    assert calls == [5 + 7]  # called once, with the extended text
+    assert torch.allclose(out, fake.sample(nag(base, nag_neg), pos, neg, steps=1), atol=1e-6)
+    # a second NAG node replaces the first one's patches instead of stacking
+    twice = nag(nag(base, fake.text(9, length=3)), nag_neg)
+    assert torch.equal(fake.sample(twice, pos, neg, steps=1), fake.sample(nag(base, nag_neg), pos, neg, steps=1))
+    assert len(twice.wrappers[glue.APPLY_MODEL][glue.WRAPPER_KEY]) == 1
+
+
+def _tensors(obj: object, found: list) -> list:
+    if isinstance(obj, torch.Tensor):
+        found.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors(v, found)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensors(v, found)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
+        _tensors(vars(obj), found)
+    elif hasattr(obj, "__dict__") and getattr(obj, "nagkit", False):
+        _tensors(vars(obj), found)
+    return found
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_base_model_untouched_and_no_tensors_in_model_options(kind: str) -> None:
+    base = fake.patcher(kind)
+    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    options, wrappers = copy.deepcopy(base.model_options), copy.copy(base.wrappers)
+    params = {k: v.clone() for k, v in base.model.state_dict().items()}
+    ref = fake.sample(base, pos, neg)
+    patched = nag(base, nag_neg)
+    fake.sample(patched, pos, neg, 3.0)
+    assert base.model_options == options and base.wrappers == wrappers
+    assert all(torch.equal(v, params[k]) for k, v in base.model.state_dict().items())
+    assert torch.equal(fake.sample(base, pos, neg), ref)
+    assert _tensors(patched.model_options, []) == []  # clones deep-copy model_options: NAG keeps no tensors there
+    clone = patched.clone()
+    assert torch.equal(fake.sample(clone, pos, neg), fake.sample(patched, pos, neg))
+
+
+def test_reuses_the_cfg_negative() -> None:
+    base = fake.patcher("flux")
+    pos, neg = fake.text(1), fake.text(3, length=5)
+    assert torch.equal(fake.sample(nag(base, None), pos, neg), fake.sample(nag(base, neg), pos, neg))
+    with pytest.raises(ValueError, match="no NAG negative"):
+        fake.sample(nag(base, None), pos, None)
+
+
+def test_negative_width_mismatch_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="width 8"):
+        fake.sample(nag(fake.patcher("flux"), torch.zeros(1, 4, 8)), fake.text(1), None)
+
+
+def test_never_silently_off_when_block_patches_are_ignored() -> None:
+    base = fake.patcher("flux")
+    pos, nag_neg = fake.text(1), fake.text(3, length=7)
+    base.model.diffusion_model.honour_replaces = False
+    try:
+        with pytest.raises(glue.NAGNotApplied, match=r"FakeFlux.*ComfyUI unknown"):
+            fake.sample(nag(base, nag_neg), pos, None)
+    finally:
+        base.model.diffusion_model.honour_replaces = True
+
+
+def test_never_silently_off_when_the_override_is_bypassed(caplog: pytest.LogCaptureFixture) -> None:
+    base = fake.patcher("flux")
+    pos, nag_neg = fake.text(1), fake.text(3, length=7)
+
+    def drops_overrides(args, extra):  # noqa: ANN001, ANN202 - another pack's replace that rebuilds the options
+        to = {k: v for k, v in args["transformer_options"].items() if k != glue.OVERRIDE}
+        return extra["original_block"](dict(args, transformer_options=to))
+
+    other = base.clone()
+    other.set_model_patch_replace(drops_overrides, "dit", "double_block", 1)
+    with pytest.raises(glue.NAGNotApplied, match="double block 1 did not reach"):
+        fake.sample(nag(other, nag_neg), pos, None)
+    with caplog.at_level(logging.WARNING, logger="nagkit.comfyui"):
+        out = fake.sample(nag(other, nag_neg, on_silent="warn once"), pos, None, steps=3)
+    assert torch.isfinite(out).all()
+    assert sum("did not reach" in r.message for r in caplog.records) == 1
+
+
+def test_never_silently_off_when_apply_model_wrapper_is_not_called() -> None:
+    base = fake.patcher("unet")
+    p = nag(base, fake.text(3, length=7))
+    p.wrappers[glue.APPLY_MODEL] = {}  # a ComfyUI that stopped running APPLY_MODEL wrappers
+    with pytest.raises(glue.NAGNotApplied, match="apply_model wrapper"):
+        fake.sample(p, fake.text(1), None)
+
+
+def test_unsupported_model_lists_the_supported_families() -> None:
+    other = fake.Patcher(fake.BaseModel(torch.nn.Linear(2, 2)))
+    with pytest.raises(glue.NAGUnsupportedModel) as err:
+        nag(other, fake.text(3))
+    message = str(err.value)
+    assert "Linear" in message
+    for family in glue.FAMILIES:
+        assert family.label in message
+
+
+def test_detection_is_structural() -> None:
+    class MyFlux(fake.FakeFlux):
+        pass
+
+    class Compiled(torch.nn.Module):  # torch.compile's OptimizedModule keeps the module as _orig_mod
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = inner
+
+    assert glue.detect_family(MyFlux()).name == "flux"
+    assert glue.detect_family(Compiled(fake.FakeWan())).name == "wan"
+    assert glue.detect_family(fake.FakeUNet()).name == "unet"
+    assert glue.detect_family(fake.FakeSD3()).name == "sd3"
+
+
+def test_settings_are_validated() -> None:
+    for bad in ({"scale": -1.0}, {"tau": 0.0}, {"alpha": 2.0}, {"on_silent": "ignore"}, {"attention": "x"},
+                {"sigma_start": 0.1, "sigma_end": 0.5}):
+        with pytest.raises(ValueError):
+            glue.NAGSettings(**bad)
+
+
+def test_node_logic_presets_and_conditioning() -> None:
+    base = fake.patcher("flux")
+    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    conditioning = [[nag_neg, {"pooled_output": torch.zeros(1, 4)}]]
+    node = glue.nag_model(base, conditioning, 5.0, 2.5, 0.25, 0.0, 1.0)
+    assert torch.equal(fake.sample(node, pos, neg), fake.sample(nag(base, nag_neg, sigma_start=float("inf"),
+                                                                     sigma_end=float("-inf")), pos, neg))
+    auto = glue.nag_model(base, conditioning, 1.0, 1.0, 0.0, preset="auto")  # widgets ignored: flux preset
+    assert auto.wrappers[glue.APPLY_MODEL][glue.WRAPPER_KEY][0].__self__.settings.scale == 5.0
+    with pytest.raises(ValueError, match="unknown preset"):
+        glue.nag_model(base, conditioning, 5.0, 2.5, 0.25, preset="nope")
+
+
+def test_widget_defaults_match_nagkit_presets() -> None:
+    for label, (preset, scale, tau, alpha) in glue.FAMILY_DEFAULTS.items():
+        assert glue.preset_values(preset) == (scale, tau, alpha), label
+    for name in glue.PRESET_CHOICES[2:]:
+        glue.preset_values(name)
+
+
+@pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
+def test_pack_metadata() -> None:
+    meta = tomllib.loads((ROOT / "comfyui" / "pyproject.toml").read_text())
+    deps = meta["project"]["dependencies"]
+    assert any(d.startswith("nagkit") for d in deps)
+    assert not any(d.split("=")[0].split(">")[0].split("<")[0].strip().lower() in ("torch", "torchvision")
+                   for d in deps)
+    assert {"PublisherId", "DisplayName"} <= set(meta["tool"]["comfy"])
+    requirements = [r.strip() for r in (ROOT / "comfyui" / "requirements.txt").read_text().splitlines()
+                    if r.strip() and not r.startswith("#")]
+    assert any(r.startswith("nagkit") for r in requirements)
+    assert not any(r.lower().startswith("torch") for r in requirements)
+    root = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert root["tool"]["setuptools"]["packages"]["find"]["where"] == ["src"]  # the pack is not a second package
+
+
+def test_example_workflows_use_the_nodes_with_valid_inputs() -> None:
+    examples = sorted((ROOT / "comfyui" / "examples").glob("*.json"))
+    assert len(examples) >= 3
+    for path in examples:
+        graph = json.loads(path.read_text())
+        nags = [n for n in graph.values() if n["class_type"] in ("NagkitNAG", "NagkitNAGGuider")]
+        assert nags, path.name
+        for node in nags:
+            inputs = node["inputs"]
+            assert inputs["nag_scale"] >= 1 and 0 <= inputs["nag_alpha"] <= 1 and inputs["nag_tau"] > 0
+            assert inputs["preset"] in glue.PRESET_CHOICES
+            for value in inputs.values():  # links point at existing nodes
+                if isinstance(value, list):
+                    assert str(value[0]) in graph, (path.name, value)
