@@ -14,7 +14,8 @@ Mechanism (one guided model call):
   untouched.
 * Per family, patches that only act when that state is present carry the negative through the model:
 
-  - MM-DiT (FLUX.1 / Chroma, SD3): ``dit`` block replaces append the negative's text tokens to the text stream
+  - MM-DiT (FLUX.1 / Chroma, SD3, Qwen-Image, HunyuanVideo): ``dit`` block replaces append the negative's text
+    tokens to the text stream
     (``[Tp | Tn]``, embedded once per call with the model's own text-in layer) and extend the RoPE table; the joint
     attention ``[Tp | Tn | I]`` is then split by an ``optimized_attention_override``: prompt text and image tokens
     of every row attend exactly as before over ``[Tp | I]``, the negative's text attends over ``[Tn | I]``, and the
@@ -597,6 +598,8 @@ class NAGPatch:
                                  "encoder used for the prompt")
         state = CallState(self, dm, rows, x.shape[0], negative, context_len, run)
         state.cache["chunks"] = len(cou)
+        state.cache["x_shape"] = tuple(x.shape)
+        self.family.prepare_call(state, base, t)
         options = dict(to)
         options[STATE_KEY] = state
         if self.family.call_override:
@@ -661,6 +664,9 @@ class Family:
 
     def preset_for(self, dm: Any) -> str:
         return self.preset
+
+    def prepare_call(self, state: CallState, base: Any, t: torch.Tensor) -> None:
+        """Per guided call, before the model runs (``base``: ComfyUI's ``BaseModel``, ``t``: its sigmas)."""
 
 
 def _has(obj: Any, *names: str) -> bool:
@@ -858,6 +864,138 @@ class WanFamily(Family):
                                                                                                   prev))
 
 
+def _qwen_text_pe(dm: Any, x_shape: tuple, length: int, batch: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """RoPE rows of ``length`` text tokens the way ComfyUI's Qwen-Image ``_forward`` builds them: positions
+    ``txt_start + j`` on all three axes, ``txt_start`` from the latent's height and width (independent of the text)."""
+    p = int(dm.patch_size)
+    h, w = x_shape[-2], x_shape[-1]
+    start = round(max(((w + p // 2) // p) // 2, ((h + p // 2) // p) // 2))
+    ids = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    ids = ids.reshape(1, -1, 1).repeat(batch, 1, 3)
+    return dm.pe_embedder(ids).squeeze(1).unsqueeze(2).to(dtype)
+
+
+class QwenBlock(BlockReplace):
+    """Qwen-Image (and Edit: reference latents are image tokens): text-first joint attention ``[Tp | Tn | I]``; the
+    negative's text rows get the RoPE positions they would have as the prompt (``txt_start + j``)."""
+
+    def guided(self, state: CallState, args: dict, extra: dict) -> dict:
+        txt, img, pe = args["txt"], args["img"], args.get("pe")
+        qwen = state.cache.get("qwen")
+        if qwen is None:  # first guided block of this call: embed the negative's text once
+            dm = state.dm
+            if pe is None or "x_shape" not in state.cache:
+                state.patch.report(f"{self.where()} received no RoPE table")
+                return self.call_block(args, extra)
+            raw = state.raw(txt.device, txt.dtype)
+            neg = state.batched(dm.txt_in(dm.txt_norm(raw))).to(txt.dtype)
+            lp, ln = txt.shape[1], neg.shape[1]
+            pe_neg = _qwen_text_pe(dm, state.cache["x_shape"], ln, pe.shape[0], pe.device, pe.dtype)
+            n = min(lp, ln)
+            if not torch.allclose(pe_neg[:, :n], pe[:, :n], rtol=1e-4, atol=1e-5):
+                raise NAGNotApplied(f"NAG: the Qwen-Image text positions of this ComfyUI version "
+                                    f"({comfy_version()}) differ from the ones NAG computes for the negative; "
+                                    f"model {class_path(dm)}. Please report it.")
+            qwen = {"lp": lp, "ln": ln, "pe": torch.cat([pe[:, :lp], pe_neg, pe[:, lp:]], dim=1)}
+            state.cache["qwen"] = qwen
+            txt = torch.cat([txt, neg], dim=1)
+        lp, ln = qwen["lp"], qwen["ln"]
+        if txt.shape[1] != lp + ln:
+            state.patch.report(f"{self.where()} received {txt.shape[1]} text tokens instead of {lp} + {ln}")
+            return self.call_block(args, extra)
+        expect = JointExpect(lp, ln, txt.shape[1] + img.shape[1], True, f"block {self.index}")
+        return self.run_armed(state, dict(args, txt=txt, pe=qwen["pe"]), extra, expect)
+
+
+class QwenFamily(Family):
+    name = "qwen"
+    label = "Qwen-Image / Qwen-Image-Edit (MM-DiT, dit block replace)"
+    preset = "qwen-image"
+
+    def matches(self, dm: Any) -> bool:
+        if not _has(dm, "transformer_blocks", "txt_in", "txt_norm", "img_in", "pe_embedder", "patch_size"):
+            return False
+        blocks = list(dm.transformer_blocks)
+        return bool(blocks) and _has(getattr(blocks[0], "attn", None), "add_q_proj", "to_q")
+
+    def install(self, patcher: Any, dm: Any) -> None:
+        install_block_replaces(patcher, "double_block", len(dm.transformer_blocks),
+                               lambda i, prev: QwenBlock("double_block", i, prev))
+
+
+class HunyuanDouble(BlockReplace):
+    """HunyuanVideo: image-first joint attention ``[I | Tp | Tn]``. The token refiner (``txt_in``) mixes the text
+    (a pooled text vector, self-attention over the tokens), so the negative is refined on its own, with the call's
+    timesteps, as if it were the prompt; its text positions are 0 like every text token's."""
+
+    def guided(self, state: CallState, args: dict, extra: dict) -> dict:
+        txt, img = args["txt"], args["img"]
+        hy = state.cache.get("hunyuan")
+        if hy is None:  # first guided double block of this call: refine the negative's text once
+            ts = state.cache.get("timesteps")
+            if ts is None:
+                state.patch.report("a HunyuanVideo call had no timesteps for the text refiner")
+                return self.call_block(args, extra)
+            raw = state.batched(state.raw(txt.device, txt.dtype))
+            neg = state.dm.txt_in(raw, ts.to(txt.device), None,
+                                  transformer_options=args.get("transformer_options") or {})
+            lp, ln, li = txt.shape[1], neg.shape[1], img.shape[1]
+            pe = args.get("pe")
+            if pe is not None:  # text rows (all position 0) after the image's: the negative's rows are copies
+                pe = torch.cat([pe, pe[:, :, li:li + 1].expand(*pe.shape[:2], ln, *pe.shape[3:])], dim=2)
+            hy = {"lp": lp, "ln": ln, "pe": pe}
+            state.cache["hunyuan"] = hy
+            txt = torch.cat([txt, neg.to(txt.dtype)], dim=1)
+        lp, ln = hy["lp"], hy["ln"]
+        if txt.shape[1] != lp + ln:
+            state.patch.report(f"{self.where()} received {txt.shape[1]} text tokens instead of {lp} + {ln}")
+            return self.call_block(args, extra)
+        if args.get("attention_mask") is not None:
+            raise NAGUnsupportedModel("NAG: HunyuanVideo text attention masks (a padded prompt batch) are not "
+                                      "supported yet")
+        expect = JointExpect(lp, ln, img.shape[1] + txt.shape[1], False, f"double block {self.index}")
+        return self.run_armed(state, dict(args, txt=txt, pe=hy["pe"]), extra, expect)
+
+
+class HunyuanSingle(BlockReplace):
+    def guided(self, state: CallState, args: dict, extra: dict) -> dict:
+        hy = state.cache.get("hunyuan")
+        if hy is None:
+            state.patch.report(f"{self.where()} ran before any guided double block")
+            return self.call_block(args, extra)
+        if args.get("attention_mask") is not None:
+            raise NAGUnsupportedModel("NAG: HunyuanVideo text attention masks (a padded prompt batch) are not "
+                                      "supported yet")
+        x = args["img"]
+        expect = JointExpect(hy["lp"], hy["ln"], x.shape[1], False, f"single block {self.index}")
+        return self.run_armed(state, dict(args, pe=hy["pe"]), extra, expect)
+
+
+class HunyuanFamily(Family):
+    name = "hunyuan"
+    label = "HunyuanVideo (MM-DiT with a text token refiner, dit block replace)"
+    preset = "flux"
+
+    def matches(self, dm: Any) -> bool:
+        if not _has(dm, "double_blocks", "single_blocks", "txt_in", "img_in"):
+            return False
+        blocks = list(dm.double_blocks)
+        return bool(blocks) and getattr(blocks[0], "flipped_img_txt", False) and hasattr(
+            dm.txt_in, "individual_token_refiner")
+
+    def prepare_call(self, state: CallState, base: Any, t: torch.Tensor) -> None:
+        sampling = getattr(base, "model_sampling", None)
+        if sampling is not None and isinstance(t, torch.Tensor):  # what ComfyUI's BaseModel passes the model
+            state.cache["timesteps"] = sampling.timestep(t).float()
+
+    def install(self, patcher: Any, dm: Any) -> None:
+        install_block_replaces(patcher, "double_block", len(dm.double_blocks),
+                               lambda i, prev: HunyuanDouble("double_block", i, prev))
+        install_block_replaces(patcher, "single_block", len(dm.single_blocks),
+                               lambda i, prev: HunyuanSingle("single_block", i, prev))
+
+
 class UNetContext:
     """``attn2_patch``: the cross-attention context ``[pos | neg]`` for guided calls (holds no tensors)."""
 
@@ -902,14 +1040,9 @@ class UNetFamily(Family):
         patcher.set_model_patch(UNetContext(), "attn2_patch")
 
 
-FAMILIES: list[Family] = [FluxFamily(), SD3Family(), WanFamily(), UNetFamily()]
+FAMILIES: list[Family] = [FluxFamily(), SD3Family(), WanFamily(), UNetFamily(), QwenFamily(), HunyuanFamily()]
 #: Architectures recognised but refused, with why (checked before the error listing the supported families).
 _REFUSED: list[tuple[Callable[[Any], bool], str]] = [
-    (lambda dm: _has(dm, "double_blocks", "txt_in") and bool(list(dm.double_blocks))
-     and getattr(list(dm.double_blocks)[0], "flipped_img_txt", False),
-     "HunyuanVideo (image-first joint attention with a text token refiner) is not supported yet"),
-    (lambda dm: _has(dm, "transformer_blocks", "txt_in", "img_in") and not hasattr(dm, "double_blocks"),
-     "Qwen-Image is not supported yet"),
     (lambda dm: _has(dm, "layers", "cap_embedder"),
      "Lumina2 / Z-Image have no block-replace patch point in ComfyUI (single-stream caption+image sequence); not "
      "supported"),
@@ -996,10 +1129,13 @@ FAMILY_DEFAULTS = {
     "SD1.5": ("sd15", 3.0, 2.5, 0.5),
     "Wan 2.1/2.2": ("wan", 9.0, 2.5, 0.25),
     "Wan + CausVid (4 steps)": ("wan-causvid", 11.0, 3.5, 0.5),
+    "Qwen-Image": ("qwen-image", 5.0, 2.5, 0.25),
+    "HunyuanVideo (FLUX values by analogy)": ("flux", 5.0, 2.5, 0.25),
 }
 #: The ``preset`` choices of the nodes: ``custom`` (the widgets), ``auto`` (the detected family's nagkit preset), or
 #: a named nagkit preset (:func:`nagkit.get_preset`).
-PRESET_CHOICES = ("custom", "auto", "flux", "flux-kontext", "chroma", "sd3", "sdxl", "sd15", "wan", "wan-causvid")
+PRESET_CHOICES = ("custom", "auto", "flux", "flux-kontext", "chroma", "sd3", "sdxl", "sd15", "wan", "wan-causvid",
+                  "qwen-image")
 
 
 def preset_values(name: str) -> tuple[float, float, float]:

@@ -12,7 +12,9 @@ Written for these tests from the interface descriptions in ``shared/research/com
 * tiny models with the structure the pack detects: FLUX-like (``double_blocks``/``single_blocks``/``txt_in``, ``dit``
   replaces, heads-first joint attention), SD3-like (``joint_blocks``, ``(B, L, H·D)`` joint attention plus an
   image-only second attention), UNet-like (``attn2_patch``) and Wan-like (``dit`` double-block replace around a
-  cross-attention block).
+  cross-attention block), Qwen-Image-like (``transformer_blocks`` behind ``dit`` double-block replaces, text
+  positions after the image's, optional reference latents in the image stream) and HunyuanVideo-like (image-first
+  FLUX-like blocks, a token refiner as ``txt_in``).
 """
 
 from __future__ import annotations
@@ -100,6 +102,10 @@ class FlowSampling:
         if percent >= 1.0:
             return 0.0
         return 1.0 - percent
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """What the model is called with (this fake's ``BaseModel`` passes the sigma itself)."""
+        return sigma
 
 
 class BaseModel(nn.Module):
@@ -471,7 +477,212 @@ class FakeWan(nn.Module):
         return self.head(h)
 
 
-MODELS = {"flux": FakeFlux, "sd3": FakeSD3, "unet": FakeUNet, "wan": FakeWan}
+class QwenAttention(nn.Module):
+    """Qwen-Image-like joint attention: separate image/text projections, ``[txt; img]`` in ``(B, L, H·D)``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.to_out, self.to_add_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, pe: torch.Tensor,
+                to: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        def heads(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            return lin(x).unflatten(-1, (self.heads, -1))
+
+        q = torch.cat([heads(self.add_q_proj, txt), heads(self.to_q, img)], 1) + pe
+        k = torch.cat([heads(self.add_k_proj, txt), heads(self.to_k, img)], 1) + pe
+        v = torch.cat([heads(self.add_v_proj, txt), heads(self.to_v, img)], 1)
+        a = attention(q.flatten(2), k.flatten(2), v.flatten(2), self.heads, transformer_options=to)
+        return self.to_out(a[:, txt.shape[1]:]), self.to_add_out(a[:, :txt.shape[1]])
+
+
+class QwenBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attn = QwenAttention(dim, heads)
+        self.img_mlp, self.txt_mlp = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                image_rotary_emb: torch.Tensor, transformer_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        img, txt = hidden_states + temb[:, None], encoder_hidden_states + temb[:, None]
+        a_img, a_txt = self.attn(img, txt, image_rotary_emb, transformer_options)
+        img, txt = hidden_states + a_img, encoder_hidden_states + a_txt
+        return txt + torch.tanh(self.txt_mlp(txt)), img + torch.tanh(self.img_mlp(img))
+
+
+class FakeRope(nn.Module):
+    """``(B, L, 3)`` positions -> ``(B, 1, L, D)`` (the model squeezes/unsqueezes it like ComfyUI's ``EmbedND``)."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        freq = torch.arange(self.head_dim, dtype=torch.float32, device=ids.device)
+        pos = ids[..., 0] + 0.5 * ids[..., 1] + 0.25 * ids[..., 2]
+        return (0.2 * torch.sin(pos[..., None] * (freq + 1) * 0.37))[:, None]
+
+
+class FakeQwen(nn.Module):
+    """Qwen-Image-like MM-DiT: ``transformer_blocks`` behind ``dit`` double-block replaces, ``txt_norm``/``txt_in``,
+    text RoPE positions ``txt_start + j`` with ``txt_start`` from the latent size, latents ``(C, H, W)`` patchified 2x2.
+    ``ref_latents`` (set on the module) are appended to the image stream, as Qwen-Image-Edit's reference latents."""
+
+    patch_size = 2
+
+    def __init__(self, seed: int = 0, dim: int = 16, heads: int = 2, ctx: int = 12, tokens: int = 16,
+                 channels: int = 4) -> None:
+        super().__init__()
+        side = 2 * int(math.isqrt(tokens))
+        self.latent_shape = (channels, side, side)
+        self.img_in, self.txt_in = nn.Linear(4 * channels, dim), nn.Linear(ctx, dim)
+        self.txt_norm = nn.LayerNorm(ctx)
+        self.time_in, self.proj_out = nn.Linear(1, dim), nn.Linear(dim, 4 * channels)
+        self.pe_embedder = FakeRope(dim // heads)
+        self.transformer_blocks = nn.ModuleList([QwenBlock(dim, heads) for _ in range(2)])
+        self.ref_latents: torch.Tensor | None = None
+        _init(self, seed)
+
+    def process_img(self, x: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, h, w = x.shape
+        tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+        hl, wl = h // 2, w // 2
+        ids = torch.zeros(hl, wl, 3)
+        ids[..., 0] = index
+        ids[..., 1] = torch.arange(hl, dtype=torch.float32)[:, None] - hl // 2
+        ids[..., 2] = torch.arange(wl, dtype=torch.float32)[None] - wl // 2
+        return tokens, ids.reshape(1, -1, 3).repeat(b, 1, 1)
+
+    def rope(self, x: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(image tokens, RoPE table over [text; image], number of generated image tokens)."""
+        img, img_ids = self.process_img(x)
+        n = img.shape[1]
+        if self.ref_latents is not None:
+            ref, ref_ids = self.process_img(self.ref_latents.expand(x.shape[0], -1, -1, -1), index=1)
+            img, img_ids = torch.cat([img, ref], 1), torch.cat([img_ids, ref_ids], 1)
+        p = self.patch_size
+        start = round(max(((x.shape[-1] + p // 2) // p) // 2, ((x.shape[-2] + p // 2) // p) // 2))
+        txt_ids = torch.arange(start, start + text_len).reshape(1, -1, 1).repeat(x.shape[0], 1, 3)
+        pe = self.pe_embedder(torch.cat([txt_ids, img_ids], 1)).squeeze(1).unsqueeze(2).to(x.dtype)
+        return img, pe, n
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        to = transformer_options or {}
+        img, pe, n = self.rope(x, context.shape[1])
+        img, txt = self.img_in(img), self.txt_in(self.txt_norm(context))
+        temb = self.time_in(t.view(-1, 1).to(x.dtype))
+        for i, block in enumerate(self.transformer_blocks):
+            replace = _replace(to, ("double_block", i), True)
+            if replace is None:
+                txt, img = block(img, txt, temb, pe, to)
+            else:
+                def original(args: dict, block: nn.Module = block) -> dict:
+                    out = block(args["img"], args["txt"], args["vec"], args["pe"], args["transformer_options"])
+                    return {"txt": out[0], "img": out[1]}
+                out = replace({"img": img, "txt": txt, "vec": temb, "pe": pe, "transformer_options": to},
+                              {"original_block": original})
+                img, txt = out["img"], out["txt"]
+        b, c, h, w = x.shape
+        out = self.proj_out(img[:, :n]).view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(b, c, h, w)
+
+
+class HunyuanDouble(FluxDouble):
+    """Image-first double block (``[img; txt]``), as HunyuanVideo's ``flipped_img_txt`` blocks."""
+
+    flipped_img_txt = True
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
+                attn_mask: Any = None, transformer_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        def qkv(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            return lin(x + vec[:, None]).view(x.shape[0], x.shape[1], 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+
+        iq, ik, iv = qkv(self.img_qkv, img)
+        tq, tk, tv = qkv(self.txt_qkv, txt)
+        q, k, v = torch.cat((iq, tq), 2) + pe, torch.cat((ik, tk), 2) + pe, torch.cat((iv, tv), 2)
+        a = attention(q, k, v, self.heads, skip_reshape=True, mask=attn_mask, transformer_options=transformer_options)
+        n = img.shape[1]
+        return img + self.img_out(a[:, :n]), txt + self.txt_out(a[:, n:])
+
+
+class FakeRefinerBlocks(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, to: dict) -> torch.Tensor:
+        q, k, v = self.qkv(x + c[:, None]).chunk(3, -1)
+        return x + self.out(attention(q, k, v, self.heads, transformer_options=to))
+
+
+class FakeTokenRefiner(nn.Module):
+    """HunyuanVideo-like text refiner: a pooled (mean) text vector and the timestep condition a self-attention over
+    the text tokens, so the prompt's and the negative's tokens cannot be refined together."""
+
+    def __init__(self, ctx: int, dim: int, heads: int) -> None:
+        super().__init__()
+        self.input_embedder, self.c_embedder, self.t_embedder = nn.Linear(ctx, dim), nn.Linear(ctx, dim), nn.Linear(
+            1, dim)
+        self.individual_token_refiner = FakeRefinerBlocks(dim, heads)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, mask: Any,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        c = self.t_embedder(timesteps.view(-1, 1).to(x.dtype)) + self.c_embedder(x.mean(1))
+        return self.individual_token_refiner(self.input_embedder(x), c, transformer_options or {})
+
+
+class FakeHunyuan(FakeFlux):
+    """HunyuanVideo-like MM-DiT: image-first double/single blocks behind ``dit`` replaces, a token refiner as
+    ``txt_in`` (called with the timesteps), zero text positions after the image's."""
+
+    def __init__(self, seed: int = 0, dim: int = 16, heads: int = 2, ctx: int = 12, tokens: int = 16,
+                 channels: int = 4) -> None:
+        super().__init__(seed, dim, heads, ctx, tokens, channels)
+        self.double_blocks = nn.ModuleList([HunyuanDouble(dim, heads) for _ in range(2)])
+        self.txt_in = FakeTokenRefiner(ctx, dim, heads)
+        _init(self, seed + 100)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        to = transformer_options or {}
+        img, vec = self.img_in(x), self.time_in(t.view(-1, 1).to(x.dtype))
+        txt = self.txt_in(context, t, None, transformer_options=to)
+        n = img.shape[1]
+        pe = self.pe(txt.shape[1], n)  # text rows first in FakeFlux.pe: reorder to [img; txt]
+        pe = torch.cat([pe[:, :, txt.shape[1]:], pe[:, :, :txt.shape[1]]], dim=2)
+        for i, block in enumerate(self.double_blocks):
+            replace = _replace(to, ("double_block", i), self.honour_replaces)
+            if replace is None:
+                img, txt = block(img, txt, vec, pe, None, to)
+            else:
+                def original(args: dict, block: nn.Module = block) -> dict:
+                    out = block(args["img"], args["txt"], args["vec"], args["pe"], args.get("attention_mask"),
+                                args.get("transformer_options"))
+                    return {"img": out[0], "txt": out[1]}
+                out = replace({"img": img, "txt": txt, "vec": vec, "pe": pe, "attention_mask": None,
+                               "transformer_options": to}, {"original_block": original})
+                img, txt = out["img"], out["txt"]
+        img = torch.cat((img, txt), 1)
+        for i, block in enumerate(self.single_blocks):
+            replace = _replace(to, ("single_block", i), self.honour_replaces)
+            if replace is None:
+                img = block(img, vec, pe, None, to)
+            else:
+                def original(args: dict, block: nn.Module = block) -> dict:
+                    return {"img": block(args["img"], args["vec"], args["pe"], args.get("attention_mask"),
+                                         args.get("transformer_options"))}
+                img = replace({"img": img, "vec": vec, "pe": pe, "attention_mask": None, "transformer_options": to},
+                              {"original_block": original})["img"]
+        return self.final(img[:, :n])
+
+
+MODELS = {"flux": FakeFlux, "sd3": FakeSD3, "unet": FakeUNet, "wan": FakeWan, "qwen": FakeQwen,
+          "hunyuan": FakeHunyuan}
 
 
 def patcher(kind: str, seed: int = 0, **sizes: int) -> Patcher:

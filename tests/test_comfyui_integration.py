@@ -110,6 +110,13 @@ WAN = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_le
            freq_dim=32, text_dim=64, out_dim=16, num_heads=2, num_layers=2, window_size=(-1, -1), qk_norm=True,
            cross_attn_norm=True, eps=1e-6)
 WAN_I2V = dict(WAN, model_type="i2v", in_dim=36)
+QWEN = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+            attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
+
+HUNYUAN = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
+               hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
+               theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False)
+
 
 #: family -> (supported_models class name, config, latent shape (no batch), text length, pooled width, extras)
 FAMILIES = {
@@ -121,6 +128,9 @@ FAMILIES = {
     "sdxl": ("SDXL", SDXL, (4, 16, 16), 77, 1280, {}),
     "wan_t2v": ("WAN21_T2V", WAN, (16, 3, 8, 8), 16, 32, {}),
     "wan_i2v": ("WAN21_I2V", WAN_I2V, (16, 3, 8, 8), 16, 32, {"clip_vision": True}),
+    "qwen": ("QwenImage", QWEN, (16, 1, 8, 8), 7, 32, {}),
+    "qwen_edit": ("QwenImage", QWEN, (16, 1, 8, 8), 7, 32, {"reference_latents": (16, 1, 8, 6)}),
+    "hunyuan": ("HunyuanVideo", HUNYUAN, (16, 2, 8, 8), 7, 32, {"known_params": True}),
 }
 
 
@@ -135,7 +145,9 @@ _BUILT: dict[str, Any] = {}
 def build(env: types.SimpleNamespace, family: str) -> Any:
     """The family's tiny model as a ModelPatcher (cached per module; tests clone it)."""
     if family not in _BUILT:
-        cls, config, *_ = FAMILIES[family]
+        cls, config, *_, extras = FAMILIES[family]
+        if extras.get("known_params"):
+            config = known_hunyuan_params(config)
         mc = getattr(env.comfy.supported_models, cls)(dict(config))
         mc.set_inference_dtype(torch.float32, None)
         model = mc.get_model({}, device=CPU)
@@ -150,6 +162,16 @@ def build(env: types.SimpleNamespace, family: str) -> Any:
     return _BUILT[family]
 
 
+def known_hunyuan_params(config: dict) -> dict:
+    """The HunyuanVideo parameters this ComfyUI version knows (newer versions added byt5/meanflow)."""
+    import dataclasses
+
+    from comfy.ldm.hunyuan_video.model import HunyuanVideoParams
+
+    names = {f.name for f in dataclasses.fields(HunyuanVideoParams)} | {"image_model"}
+    return {k: v for k, v in config.items() if k in names}
+
+
 def cond(family: str, seed: int, length: int | None = None) -> list:
     _, config, _, text_len, pooled, extras = FAMILIES[family]
     width = config.get("context_dim") or config.get("context_in_dim") or config.get("text_dim") or 64
@@ -158,6 +180,9 @@ def cond(family: str, seed: int, length: int | None = None) -> list:
     if extras.get("clip_vision"):
         extra["clip_vision_output"] = ClipVisionOutput(torch.randn(1, 257, 1280,
                                                                    generator=torch.Generator().manual_seed(99)))
+    if extras.get("reference_latents"):  # Qwen-Image-Edit: a reference image's latent (ReferenceLatent node)
+        extra["reference_latents"] = [torch.randn(1, *extras["reference_latents"],
+                                                  generator=torch.Generator().manual_seed(98))]
     return [[torch.randn(1, length or text_len, width, generator=g), extra]]
 
 
@@ -245,7 +270,7 @@ def test_family(env: types.SimpleNamespace, family: str) -> None:
     assert torch.equal(sample(family, base, pos, neg), ref1)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd15", "wan_t2v"])
+@pytest.mark.parametrize("family", ["flux", "sd15", "wan_t2v", "qwen_edit", "hunyuan"])
 def test_latent_batch_two(env: types.SimpleNamespace, family: str) -> None:
     base = build(env, family)
     pos, neg, nag_neg = cond(family, 1), cond(family, 2), cond(family, 3, length=5)
@@ -279,7 +304,7 @@ def test_start_end_window(env: types.SimpleNamespace) -> None:
         assert expected == 4 if (start, end) == (0.0, 1.0) else 0 < expected < 4
 
 
-@pytest.mark.parametrize("family", ["flux", "sd15", "wan_t2v", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd15", "wan_t2v", "sd3", "qwen", "hunyuan"])
 def test_previous_attention_override_still_called(env: types.SimpleNamespace, family: str) -> None:
     base = build(env, family)
     pos, neg, nag_neg = cond(family, 1), cond(family, 2), cond(family, 3, length=5)
@@ -353,31 +378,45 @@ def test_unsupported_model_is_refused_at_node_execution(env: types.SimpleNamespa
         env.NAG.execute(model=base, nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, start_percent=0.0, end_percent=1.0)
 
 
-HUNYUAN = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
-               hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
-               theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False)
-
-
 @pytest.mark.parametrize(("cls", "config", "reason"), [
-    ("QwenImage", {"image_model": "qwen_image"}, "Qwen-Image"),
     ("Lumina2", {"image_model": "lumina2"}, "Lumina2"),
-    ("HunyuanVideo", HUNYUAN, "HunyuanVideo"),
 ])
 def test_refused_families_get_a_clear_error(env: types.SimpleNamespace, cls: str, config: dict, reason: str) -> None:
     """Families without a NAG path in this pack are refused by name (built on the meta device: no weights)."""
-    import dataclasses
-
-    if cls == "HunyuanVideo":  # keep the parameters this ComfyUI version knows
-        from comfy.ldm.hunyuan_video.model import HunyuanVideoParams
-
-        names = {f.name for f in dataclasses.fields(HunyuanVideoParams)} | {"image_model"}
-        config = {k: v for k, v in config.items() if k in names}
     mc = getattr(env.comfy.supported_models, cls)(dict(config))
     mc.set_inference_dtype(torch.float32, None)
     with torch.device("meta"):
         model = mc.get_model({}, device=torch.device("meta"))
     with pytest.raises(env.glue.NAGUnsupportedModel, match=f"{reason}.*Supported families"):
         env.glue.detect_family(model.diffusion_model)
+
+
+@pytest.mark.parametrize("family", ["qwen", "qwen_edit"])
+def test_qwen_negative_text_positions_are_the_prompts(env: types.SimpleNamespace, family: str) -> None:
+    """The RoPE rows NAG gives a negative of 9 tokens are the rows ComfyUI's Qwen-Image builds for a 9-token prompt
+    (captured from the model's own block arguments), and negative == prompt is ~ unpatched with Edit's reference
+    latents in the image stream."""
+    base = build(env, family)
+    seen = []
+
+    def capture(args, extra):  # noqa: ANN001, ANN202
+        seen.append((args["pe"].clone(), args["txt"].shape[1], args["img"].shape[1]))
+        return extra["original_block"](args)
+
+    probe = base.clone()
+    probe.set_model_patch_replace(capture, "dit", "double_block", 0)
+    pos, neg = cond(family, 1, length=9), cond(family, 2)
+    sample(family, probe, pos, neg, steps=1)
+    pe, lp, li = seen[0]
+    assert lp == 9 and li == (16 + 12 if family == "qwen_edit" else 16)  # Edit: 4x4 generated + 4x3 reference
+    shape = (1, *FAMILIES[family][2])
+    ours = env.glue._qwen_text_pe(base.model.diffusion_model, shape, 9, pe.shape[0], pe.device, pe.dtype)
+    assert torch.equal(ours, pe[:, :9])
+    pos = cond(family, 1)
+    ref = sample(family, base, pos, neg)
+    assert _close(sample(family, patch(env, base, pos), pos, neg), ref, 1e-4)
+    longer = sample(family, patch(env, base, cond(family, 3, length=11)), pos, neg)
+    assert torch.isfinite(longer).all() and (longer - ref).abs().max() > 1e-3
 
 
 def test_unbatched_cond_and_uncond(env: types.SimpleNamespace) -> None:

@@ -24,7 +24,7 @@ except ImportError:  # Python 3.10
 pack = fake.load_pack()
 from nagkit_comfyui_pack import glue  # noqa: E402 - registered by load_pack
 
-KINDS = ["flux", "sd3", "unet", "wan"]
+KINDS = ["flux", "sd3", "unet", "wan", "qwen", "hunyuan"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -125,7 +125,7 @@ def test_non_contiguous_cond_rows(kind: str) -> None:
     assert torch.allclose(together[1], call(base, [1], [1])[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["flux", "wan"])
+@pytest.mark.parametrize("kind", ["flux", "wan", "qwen"])
 def test_latent_batch_two_matches_rows_sampled_alone(kind: str) -> None:
     base = fake.patcher(kind)
     pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
@@ -375,3 +375,138 @@ def test_example_workflows_use_the_nodes_with_valid_inputs() -> None:
             for value in inputs.values():  # links point at existing nodes
                 if isinstance(value, list):
                     assert str(value[0]) in graph, (path.name, value)
+
+
+# ------------------------------------------------------------------------------------------------ Qwen-Image
+def _qwen_reference(dm: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, neg: torch.Tensor,
+                    scale: float, tau: float, alpha: float) -> torch.Tensor:
+    """NAG on the fake Qwen-Image written out: two full joint attentions per block, the negative's text as its own
+    stream with the RoPE positions it has as the prompt, the (single) image stream guided."""
+    from nagkit.core.operator import nag_combine
+
+    tokens, pe_p, n = dm.rope(x, ctx.shape[1])
+    _, pe_n, _ = dm.rope(x, neg.shape[1])
+    img, tp, tn = dm.img_in(tokens), dm.txt_in(dm.txt_norm(ctx)), dm.txt_in(dm.txt_norm(neg))
+    temb = dm.time_in(t.view(-1, 1))
+    lp, ln = tp.shape[1], tn.shape[1]
+    for block in dm.transformer_blocks:
+        a = block.attn
+        i_ = img + temb[:, None]
+
+        def joint(txt: torch.Tensor, pe: torch.Tensor, a: torch.nn.Module = a, i_: torch.Tensor = i_) -> torch.Tensor:
+            def heads(lin: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+                return lin(z).unflatten(-1, (a.heads, -1))
+
+            q = torch.cat([heads(a.add_q_proj, txt), heads(a.to_q, i_)], 1) + pe
+            k = torch.cat([heads(a.add_k_proj, txt), heads(a.to_k, i_)], 1) + pe
+            v = torch.cat([heads(a.add_v_proj, txt), heads(a.to_v, i_)], 1)
+            return fake.sdpa(q.flatten(2), k.flatten(2), v.flatten(2), a.heads)
+
+        zp, zn = joint(tp + temb[:, None], pe_p), joint(tn + temb[:, None], pe_n)
+        img = img + a.to_out(nag_combine(zp[:, lp:], zn[:, ln:], scale, tau, alpha, "l1"))
+        tp, tn = tp + a.to_add_out(zp[:, :lp]), tn + a.to_add_out(zn[:, :ln])
+        tp, tn = tp + torch.tanh(block.txt_mlp(tp)), tn + torch.tanh(block.txt_mlp(tn))
+        img = img + torch.tanh(block.img_mlp(img))
+    b, c, h, w = x.shape
+    v = dm.proj_out(img[:, :n]).view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+    return x - t.view(-1, 1, 1, 1) * v
+
+
+@pytest.mark.parametrize(("edit", "neg_len", "attention"), [(False, 9, "auto"), (True, 3, "comfy"), (True, 9, "auto")])
+def test_qwen_matches_a_written_out_reference(edit: bool, neg_len: int, attention: str) -> None:
+    """One guided call equals the reference: negatives shorter and longer than the prompt (the negative's text
+    positions are those it would have as the prompt), and Qwen-Image-Edit's reference latents in the image stream."""
+    base = fake.patcher("qwen")
+    dm = base.model.diffusion_model
+    x = torch.randn(2, *dm.latent_shape, generator=torch.Generator().manual_seed(0))
+    ctx, neg, sigma = torch.cat([fake.text(1), fake.text(4)]), fake.text(3, length=neg_len), torch.full((2,), 0.7)
+    p = nag(base, neg, attention=attention)
+    dm.ref_latents = torch.randn(1, *dm.latent_shape, generator=torch.Generator().manual_seed(7)) if edit else None
+    try:
+        to = fake.copy_nested(p.model_options["transformer_options"])
+        to["wrappers"], to["cond_or_uncond"], to["sigmas"] = p.wrappers, [0], sigma
+        with torch.no_grad():
+            out = base.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to)
+            ref = _qwen_reference(dm, x, sigma, ctx, neg, 5.0, 2.5, 0.25)
+            plain = base.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options={})
+    finally:
+        dm.ref_latents = None
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    assert (out - plain).abs().max() > 1e-3
+
+
+def test_qwen_negative_positions_follow_comfyui_formula() -> None:
+    dm = fake.FakeQwen()
+    x = torch.zeros(1, *dm.latent_shape)
+    expected = dm.rope(x, 9)[1][:, :9]
+    assert torch.equal(glue._qwen_text_pe(dm, tuple(x.shape), 9, 1, x.device, x.dtype), expected)
+    assert glue.detect_family(dm).name == "qwen" and glue.detect_family(dm).preset_for(dm) == "qwen-image"
+
+
+# ------------------------------------------------------------------------------------------------ HunyuanVideo
+def _hunyuan_reference(dm: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, neg: torch.Tensor,
+                       scale: float, tau: float, alpha: float) -> torch.Tensor:
+    """NAG on the fake HunyuanVideo written out: the negative refined alone (its own pooled vector and token
+    self-attention), its text as its own stream, two full attentions per block, the image stream guided."""
+    from nagkit.core.operator import nag_combine
+
+    img, vec = dm.img_in(x), dm.time_in(t.view(-1, 1))
+    neg = neg.expand(x.shape[0], -1, -1)
+    tp, tn = dm.txt_in(ctx, t, None), dm.txt_in(neg, t, None)
+    n, lp, ln = img.shape[1], tp.shape[1], tn.shape[1]
+
+    def table(length: int) -> torch.Tensor:
+        pe = dm.pe(length, n)
+        return torch.cat([pe[:, :, length:], pe[:, :, :length]], dim=2)
+
+    pe_p, pe_n = table(lp), table(ln)
+
+    def heads_first(lin: torch.nn.Module, z: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
+        return lin(z + vec[:, None]).view(z.shape[0], z.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q + pe, k + pe, v).transpose(1, 2).flatten(2)
+
+    for block in dm.double_blocks:
+        iq, ik, iv = heads_first(block.img_qkv, img, block.heads)
+        zs = []
+        for txt, pe in ((tp, pe_p), (tn, pe_n)):
+            tq, tk, tv = heads_first(block.txt_qkv, txt, block.heads)
+            zs.append(sdpa(torch.cat((iq, tq), 2), torch.cat((ik, tk), 2), torch.cat((iv, tv), 2), pe))
+        zp, zn = zs
+        img = img + block.img_out(nag_combine(zp[:, :n], zn[:, :n], scale, tau, alpha, "l1"))
+        tp, tn = tp + block.txt_out(zp[:, n:]), tn + block.txt_out(zn[:, n:])
+    for block in dm.single_blocks:
+        zs = []
+        for txt, pe in ((tp, pe_p), (tn, pe_n)):
+            q, k, v = heads_first(block.qkv, torch.cat((img, txt), 1), block.heads)
+            zs.append(sdpa(q, k, v, pe))
+        zp, zn = zs
+        img = img + block.out(nag_combine(zp[:, :n], zn[:, :n], scale, tau, alpha, "l1"))
+        tp, tn = tp + block.out(zp[:, n:]), tn + block.out(zn[:, n:])
+    return x - t.view(-1, 1, 1) * dm.final(img)
+
+
+@pytest.mark.parametrize(("neg_len", "attention"), [(3, "comfy"), (9, "auto")])
+def test_hunyuan_matches_a_written_out_reference(neg_len: int, attention: str) -> None:
+    base = fake.patcher("hunyuan")
+    dm = base.model.diffusion_model
+    x = torch.randn(2, *dm.latent_shape, generator=torch.Generator().manual_seed(0))
+    ctx, neg, sigma = torch.cat([fake.text(1), fake.text(4)]), fake.text(3, length=neg_len), torch.full((2,), 0.7)
+    p = nag(base, neg, attention=attention)
+    to = fake.copy_nested(p.model_options["transformer_options"])
+    to["wrappers"], to["cond_or_uncond"], to["sigmas"] = p.wrappers, [0], sigma
+    with torch.no_grad():
+        out = base.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to)
+        ref = _hunyuan_reference(dm, x, sigma, ctx, neg, 5.0, 2.5, 0.25)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    assert glue.detect_family(dm).name == "hunyuan"
+
+
+def test_qwen_text_positions_of_another_comfyui_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If a ComfyUI version placed Qwen-Image's text positions differently, NAG stops with an error instead of giving
+    the negative wrong positions."""
+    original = glue._qwen_text_pe
+    monkeypatch.setattr(glue, "_qwen_text_pe", lambda *args: original(*args) + 0.5)
+    with pytest.raises(glue.NAGNotApplied, match="text positions"):
+        fake.sample(nag(fake.patcher("qwen"), fake.text(3, length=7)), fake.text(1), None, steps=1)

@@ -13,7 +13,6 @@ from diffusers import (
     QwenImageEditPlusPipeline,
     QwenImageImg2ImgPipeline,
     QwenImageInpaintPipeline,
-    QwenImageLayeredPipeline,
     QwenImageTransformer2DModel,
 )
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
@@ -114,7 +113,7 @@ def run(model, inputs, **changes):
 @pytest.fixture(scope="module", params=["t2i", "edit", "layer3d"])
 def qwen(request):
     """``edit``: condition latents in the image stream, ``zero_cond_t`` modulation (Qwen-Image-Edit-2511 style);
-    ``layer3d``: the layered model's ``QwenEmbedLayer3DRope`` (bare denoiser; its pipeline is not supported)."""
+    ``layer3d``: the layered model's ``QwenEmbedLayer3DRope`` (bare denoiser here; its pipeline: test_variants_more)."""
     edit, layer3d = request.param == "edit", request.param == "layer3d"
     return _model(zero_cond_t=edit, layer3d=layer3d), edit or layer3d
 
@@ -444,6 +443,3 @@ def test_edit_pipelines_encode_the_negative_with_the_condition_image(monkeypatch
         guided = generate(plus, **kwargs)
         assert guide.state.calls["guided"] == 2
     assert (guided - base).abs().max() > 1e-4
-    layered = QwenImageLayeredPipeline(**edit.components)
-    with pytest.raises(TypeError, match="nagkit does not support QwenImageLayeredPipeline.*QwenImagePipeline"):
-        nagkit.apply(layered, negative_prompt=NEGATIVE)

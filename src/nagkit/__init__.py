@@ -37,6 +37,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'nagkit' has no attribute {name!r}")
+    importlib.import_module(".adapters", __name__)  # every family registers its adapter and presets on import
     value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value

@@ -26,12 +26,13 @@ ControlNet img2img/inpaint have no true CFG: every call is guided. ControlNet: `
 joint blocks over the text. Decision: it is left plain, fed the prompt only; NAG is installed on the transformer alone
 (the ControlNet's blocks get neither block hooks nor NAG processors), and its residuals are added to the image stream
 after each block, outside attention, so the guided forward receives them unchanged. Reasons as for the UNet family
-(:mod:`nagkit.adapters.unet`). ``FluxKontextInpaintPipeline`` is not listed (not tested yet).
+(:mod:`nagkit.adapters.unet`). ``FluxKontextInpaintPipeline`` shares Kontext's spec and preset: the reference image's
+latents (``image_reference``, else the image to inpaint) ride in the image stream, like Kontext's.
 
 The family's file: the NAG processor, block hooks and preparation (shared with Chroma, :mod:`nagkit.adapters.chroma`)
-and the adapter; the pipelines (``FluxPipeline`` and its variants above, ``FluxKontextPipeline``) and presets (``flux``,
-``flux-kontext``); the meta inputs of ``nagkit bench``; the tiny pipelines ``tiny-flux`` (schnell-like),
-``tiny-flux-dev`` and ``tiny-flux-kontext``.
+and the adapter; the pipelines (``FluxPipeline`` and its variants above, ``FluxKontextPipeline``,
+``FluxKontextInpaintPipeline``) and presets (``flux``, ``flux-kontext``); the meta inputs of ``nagkit bench``; the
+tiny pipelines ``tiny-flux`` (schnell-like), ``tiny-flux-dev`` and ``tiny-flux-kontext``.
 """
 
 from __future__ import annotations
@@ -437,7 +438,8 @@ FLUX = register_adapter(Adapter(
     official_norm="l2",  # the official diffusers Flux processor uses the L2 norm
     prepare=_prepare,
     block_forwards={FluxTransformerBlock: _double_block, FluxSingleTransformerBlock: _single_block},
-    pipelines={**dict.fromkeys(FLUX_PIPELINES, _FLUX), "FluxKontextPipeline": _KONTEXT},
+    pipelines={**dict.fromkeys(FLUX_PIPELINES, _FLUX), "FluxKontextPipeline": _KONTEXT,
+               "FluxKontextInpaintPipeline": _KONTEXT},
     presets={
         # Official Flux pipeline: alpha 0.25; README FLUX.1-schnell example nag_scale 5 (4 steps, no CFG).
         "flux": NAGConfig(scale=5.0, tau=2.5, alpha=0.25),

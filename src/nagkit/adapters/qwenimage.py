@@ -21,6 +21,14 @@ What is Qwen-specific:
   image tokens for NAG (shared, never duplicated). The NAG negative is encoded by ``encode_prompt`` with the call's
   arguments, the condition ``image`` included, i.e. through the vision-language encoder exactly like the pipeline's
   CFG negative.
+* **Other variants.** Edit Inpaint: as Edit (condition latents in the image stream, the negative encoded with the
+  condition image). ControlNet / ControlNet Inpaint: the ``QwenImageControlNetModel`` attends to the text too;
+  decision as for the SD/FLUX ControlNets (:mod:`nagkit.adapters.unet`): it is left plain, fed the prompt only (the
+  pipelines call it once per step with the prompt and reuse its residuals for both CFG calls); its residuals are added
+  to the image stream after each block, outside attention, so the guided forward receives them unchanged. Layered:
+  the layered model (``use_layer3d_rope``: ``QwenEmbedLayer3DRope``, hooked like ``QwenEmbedRope``;
+  ``additional_t_cond``) with the layers and the condition image in the image stream; its ``encode_prompt`` takes no
+  image (the vision processor only captions an empty prompt), but the call needs ``image``.
 * **CFG.** The pipelines run true CFG (``true_cfg_scale > 1`` with a negative prompt) as separate calls in
   ``cache_context("cond")`` / ``("uncond")``; only the conditional call is guided. They pass the timestep as
   ``t / 1000``.
@@ -30,9 +38,10 @@ pipelines), so there is no ``official`` mode. Qwen-Image 2.1 (``QwenImage21Trans
 stream) is a different class and is not supported.
 
 The family's file: the NAG processor, the text-RoPE hook and the adapter; the pipelines (``QwenImagePipeline``,
-``QwenImageImg2ImgPipeline``, ``QwenImageInpaintPipeline``, ``QwenImageEditPipeline``, ``QwenImageEditPlusPipeline``)
-and preset (``qwen-image``); the meta inputs of ``nagkit bench``; the tiny pipelines ``tiny-qwen-image`` and
-``tiny-qwen-image-edit``.
+``QwenImageImg2ImgPipeline``, ``QwenImageInpaintPipeline``, ``QwenImageEditPipeline``, ``QwenImageEditPlusPipeline``,
+``QwenImageEditInpaintPipeline``, ``QwenImageControlNetPipeline``, ``QwenImageControlNetInpaintPipeline``,
+``QwenImageLayeredPipeline``) and preset (``qwen-image``); the meta inputs of ``nagkit bench``; the tiny pipelines
+``tiny-qwen-image`` and ``tiny-qwen-image-edit``.
 """
 
 from __future__ import annotations
@@ -346,6 +355,10 @@ _QWEN_EDIT = PipelineSpec(denoisers=("transformer",), mask_index=1, preset="qwen
                           overrides={"prompt_embeds_mask": None}, encoders=("text_encoder", "processor"),
                           embeds_args=_QWEN_ARGS)
 
+# Layered: its encode_prompt takes no image (the processor only captions an empty prompt), but the call needs `image`.
+_QWEN_LAYERED = PipelineSpec(denoisers=("transformer",), mask_index=1, preset="qwen-image", size_multiple=2,
+                             requires_image=True, overrides={"prompt_embeds_mask": None}, embeds_args=_QWEN_ARGS)
+
 QWEN_IMAGE = register_adapter(Adapter(
     family="qwen-image",
     model_class=QwenImageTransformer2DModel,
@@ -356,7 +369,8 @@ QWEN_IMAGE = register_adapter(Adapter(
     timestep_max=1.0,  # the Qwen-Image pipelines pass t / 1000
     official=False,  # no official NAG code for Qwen-Image to reproduce
     preset="qwen-image",
-    notes="Qwen-Image (T2I, img2img, inpaint, Edit, Edit Plus): NAG on the image tokens of every dual-stream block; "
+    notes="Qwen-Image (T2I, img2img, inpaint, Edit, Edit Plus, Edit Inpaint, ControlNet, Layered): NAG on the "
+          "image tokens of every dual-stream block; "
           "negative text as its own stream at the prompt's text positions; edit condition latents are image tokens",
     block_forwards={QwenEmbedRope: _text_rope, QwenEmbedLayer3DRope: _text_rope},
     pipelines={
@@ -365,6 +379,11 @@ QWEN_IMAGE = register_adapter(Adapter(
         "QwenImageInpaintPipeline": _QWEN,
         "QwenImageEditPipeline": _QWEN_EDIT,
         "QwenImageEditPlusPipeline": _QWEN_EDIT,
+        "QwenImageEditInpaintPipeline": _QWEN_EDIT,
+        # the QwenImageControlNetModel runs plain on the prompt (as the SD/FLUX ControlNets, adapters/unet.py)
+        "QwenImageControlNetPipeline": _QWEN,
+        "QwenImageControlNetInpaintPipeline": _QWEN,
+        "QwenImageLayeredPipeline": _QWEN_LAYERED,
     },
     # diffusers PR #13089 (open: NAG for the QwenImage modular pipelines), NormalizedAttentionCFGGuidance defaults:
     # nag_scale 5.0, nag_tau 2.5, nag_alpha 0.25.

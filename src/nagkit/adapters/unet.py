@@ -22,9 +22,9 @@ embeddings (guess mode: the conditional rows only), and its residuals, added to 
 text-conditioned attention output NAG is defined on; the official NAG pipelines (FLUX, Kontext, SD3.5, SDXL, Wan)
 have no ControlNet variant to follow; left plain it costs nothing more and keeps scale 1 and the unconditional rows
 exact. A ControlNet given to ``nagkit.apply`` itself is
-refused (not a supported denoiser). Not listed: the ControlNet-Union pipelines (untested: ``ControlNetUnionModel``
-hard-codes 320-wide task embeddings, beyond the tiny fixtures), InstructPix2Pix (three CFG rows ``[text, image-only,
-uncond]``).
+refused (not a supported denoiser). SDXL ControlNet-Union (``StableDiffusionXLControlNetUnion{,Img2Img,Inpaint}
+Pipeline``): the same decision for ``ControlNetUnionModel`` (plain, prompt only); its inpaint pipeline takes a
+4-channel UNet only. Not listed: InstructPix2Pix (three CFG rows ``[text, image-only, uncond]``).
 
 The family's file: the NAG processors and the adapter; the pipelines (``StableDiffusionPipeline``,
 ``StableDiffusionXLPipeline`` and their variants above) and presets (``sd15``, ``sdxl``); the meta inputs of ``nagkit
@@ -382,7 +382,8 @@ SD15_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "
                   "StableDiffusionControlNetInpaintPipeline")
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
                   "StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
-                  "StableDiffusionXLControlNetInpaintPipeline")
+                  "StableDiffusionXLControlNetInpaintPipeline", "StableDiffusionXLControlNetUnionPipeline",
+                  "StableDiffusionXLControlNetUnionImg2ImgPipeline", "StableDiffusionXLControlNetUnionInpaintPipeline")
 
 UNET = register_adapter(Adapter(
     family="unet",

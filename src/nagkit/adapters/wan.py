@@ -317,7 +317,8 @@ WAN = register_adapter(Adapter(
     mask_arg=None,
     preset="wan",
     notes="Wan 2.1/2.2 T2V, I2V, TI2V: NAG on the text cross-attention attn2; I2V image context not negated",
-    pipelines={"WanPipeline": _WAN, "WanImageToVideoPipeline": _WAN},
+    # WanVideoToVideoPipeline: the same WanTransformer3DModel and encode_prompt, separate cond / uncond calls
+    pipelines={"WanPipeline": _WAN, "WanImageToVideoPipeline": _WAN, "WanVideoToVideoPipeline": _WAN},
     presets={
         # Official Wan pipeline: alpha 0.25; README: nag_scale 9 with CFG 5 (25 steps).
         "wan": NAGConfig(scale=9.0, tau=2.5, alpha=0.25),

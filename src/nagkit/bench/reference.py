@@ -69,11 +69,16 @@ def official_nag(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, tau: fl
 
 
 def _norms_on_flat_projection(inner: Any) -> bool:
-    """Whether q/k norms apply to the flat projection (Wan, Sana) or per head (diffusers' ``AttnProcessor2_0``)."""
+    """Whether q/k norms apply to the flat projection (Wan, Sana, SANA-Video, LTX-Video, LTX-2) or per head (diffusers'
+    ``AttnProcessor2_0``)."""
     from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+    from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
+    from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor
+    from diffusers.models.transformers.transformer_sana_video import SanaAttnProcessor2_0 as SanaVideoAttnProcessor
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-    return isinstance(inner, (WanAttnProcessor, SanaAttnProcessor2_0))
+    return isinstance(inner, (WanAttnProcessor, SanaAttnProcessor2_0, LTXVideoAttnProcessor,
+                              LTX2AudioVideoAttnProcessor, SanaVideoAttnProcessor))
 
 
 def _bias(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:

@@ -171,7 +171,9 @@ def plan_call(info: ModelInfo, args: argparse.Namespace) -> CallPlan:
     spec = PIPELINES[info.pipeline]
     family = next(a for a in adapters._REGISTRY if a.family == report["family"])
     params = _signature(info.pipeline)
-    kind = "video" if "num_frames" in params else "image"
+    # the frame-count argument: ``num_frames`` (Wan, LTX, HunyuanVideo) or ``frames`` (SANA-Video)
+    frames_arg = "num_frames" if "num_frames" in params else "frames" if "frames" in params else "num_frames"
+    kind = "video" if frames_arg in params else "image"
     plan = CallPlan(info=info, spec=spec, family=family, kind=kind)
     kw = plan.kwargs
     builtin_defaults: dict[str, Any] = {}
@@ -201,11 +203,11 @@ def plan_call(info: ModelInfo, args: argparse.Namespace) -> CallPlan:
                            f"(try {_multiple_hint(value, multiple)})")
         kw[name] = value
     if args.frames is not None:
-        takes("num_frames", "--frames")
+        takes(frames_arg, "--frames")
         if (args.frames - 1) % temporal:
             near = max(1, round((args.frames - 1) / temporal)) * temporal + 1
             raise CLIError(f"--frames {args.frames}: {info.pipeline} makes {temporal}k+1 frames (try {near})")
-        kw["num_frames"] = args.frames
+        kw[frames_arg] = args.frames
     if args.batch > 1:
         name = spec.count_arg if spec.count_arg in params else None
         if name is None:

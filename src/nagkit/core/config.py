@@ -111,7 +111,12 @@ def register_preset(name: str, config: NAGConfig) -> NAGConfig:
 
 
 def get_preset(name: str) -> NAGConfig:
-    """Return the preset ``name``; raise ``KeyError`` listing the known presets."""
+    """Return the preset ``name``; raise ``KeyError`` listing the known presets.
+
+    The families' presets are registered by their adapter modules, imported here first (``import nagkit`` loads
+    them lazily)."""
+    import nagkit.adapters  # noqa: F401  (registers every family's presets)
+
     try:
         return PRESETS[name]
     except KeyError:

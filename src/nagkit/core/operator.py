@@ -28,6 +28,16 @@ uses the eager path anyway on meta and other devices, under an outer ``torch.com
 then traces a functional copy of the math into its own graph), under a tensor subclass or a dispatch mode (FLOP
 counters, fake tensors), with gradients, and for tensors under :data:`COMPILE_MIN_NUMEL` elements (tiny models and
 tests: compiling would cost more than it saves). ``NAGKIT_COMPILE=0`` (or :func:`set_compile`) turns it off.
+
+Memory. A long video makes one combination large (Wan 14B at 720p, 81 frames: 75 k tokens × 5120 channels, 0.75 GiB
+in bf16 per tensor), and its fp32 temporaries would be several times that. Above :data:`CHUNK_NUMEL` elements,
+:func:`nag_combine` (compiled and eager paths alike) therefore runs over chunks of whole tokens (rows of the input
+flattened to ``(tokens, C)``, about :data:`CHUNK_NUMEL` elements each, never a chunk of one row) and writes each
+chunk's result into one preallocated output (or into ``out``, which may be ``z_pos`` itself): the peak beyond the
+inputs is the output plus a few chunk-sized fp32 buffers. Every token's math is independent of the others, so the
+result is bit for bit the unchunked one. The differentiable path (gradients) and an outer ``torch.compile`` trace
+run unchunked (autograd keeps its temporaries anyway; the outer graph is fused by its own compiler), and so do meta
+tensors and tensor subclasses (FLOP counting, fake tensors: no memory to save).
 """
 
 from __future__ import annotations
@@ -57,6 +67,10 @@ COMPILE_MIN_NUMEL = 1 << 16
 #: Distinct compiled variants (device type, dtype, norm, parameter kinds, grad/inference mode, CPU threads) before
 #: new ones stay eager (below torch._dynamo's own recompile limit, so that limit's warning never shows).
 COMPILE_MAX_VARIANTS = 6
+#: Inputs with more elements than this are combined in chunks of whole tokens of about this many elements each (64 MiB
+#: per fp32 temporary; a call per chunk costs about 0.1 ms of host time, so 75 k × 5120 takes 23 chunks); see "Memory"
+#: in the module docstring.
+CHUNK_NUMEL = 1 << 24
 _COMPILE_DEVICES = ("cpu", "cuda")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _log = logging.getLogger(__name__)
@@ -256,38 +270,116 @@ def _compiled_combine() -> Callable[..., torch.Tensor]:
     return _compiled
 
 
+def _chunk_bounds(rows: int, width: int) -> list[int] | None:
+    """Row boundaries ``[0, b1, …, rows]`` of the chunks for a ``(rows, width)`` combination, or None when it
+    runs as one piece (at most :data:`CHUNK_NUMEL` elements). Chunks hold ``max(2, CHUNK_NUMEL // width)`` rows;
+    a last chunk of one row joins the one before it (compiled code specializes on size 1)."""
+    step = max(2, CHUNK_NUMEL // max(width, 1))
+    if rows * width <= CHUNK_NUMEL or rows <= step:
+        return None
+    bounds = list(range(0, rows, step))
+    if rows - bounds[-1] == 1:
+        bounds.pop()
+    return [*bounds, rows]
+
+
+def _combine_into(run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z_pos: torch.Tensor,
+                  z_neg: torch.Tensor, out: torch.Tensor | None, bounds: list[int] | None,
+                  fallback: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``run`` (a combination of two ``(rows, C)`` tensors) over the chunks ``bounds`` of the flattened inputs,
+    each chunk's result written into ``out`` (a new tensor when None). ``out`` may be ``z_pos`` itself: a chunk is
+    read in full before its result is written. When ``run`` raises and ``fallback`` is given, ``fallback`` does the
+    remaining chunks (the ones written stay: with ``out`` aliasing ``z_pos`` they could not be computed again) and
+    the error is passed on as ``(result, error)`` through :class:`_Fallback`."""
+    shape = z_pos.shape
+    if bounds is None:  # one piece: no copy unless the result must land in ``out``
+        try:
+            result = run(z_pos, z_neg)
+        except Exception as err:  # noqa: BLE001 - handed to the caller with the fallback's result
+            if fallback is None:
+                raise
+            result = fallback(z_pos, z_neg)
+            raise _Fallback(result if out is None else out.copy_(result), err) from err
+        result = result.view(shape)
+        return result if out is None else out.copy_(result)
+    width = shape[-1] if len(shape) else 1
+    zp, zn = z_pos.reshape(-1, width), z_neg.reshape(-1, width)
+    target = out if out is not None else torch.empty(shape, dtype=z_pos.dtype, device=z_pos.device)
+    direct = target.is_contiguous()
+    flat = target.view(-1, width) if direct else torch.empty(zp.shape, dtype=target.dtype, device=target.device)
+    error = None
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        if error is None:
+            try:
+                flat[lo:hi] = run(zp[lo:hi], zn[lo:hi])
+                continue
+            except Exception as err:  # noqa: BLE001 - the remaining chunks go to the fallback
+                if fallback is None:
+                    raise
+                error = err
+        flat[lo:hi] = fallback(zp[lo:hi], zn[lo:hi])
+    if not direct:
+        target.copy_(flat.view(shape))
+    if error is not None:
+        raise _Fallback(target, error) from error
+    return target
+
+
+class _Fallback(Exception):  # noqa: N818 - internal: a result together with the error that made it fall back
+    def __init__(self, result: torch.Tensor, error: Exception) -> None:
+        super().__init__(str(error))
+        self.result, self.error = result, error
+
+
 def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: Number, tau: Number, alpha: Number,
-                norm: str = "l1") -> torch.Tensor:
+                norm: str = "l1", out: torch.Tensor | None = None) -> torch.Tensor:
     """The NAG math without validation or identity shortcuts (the hot path used by the attention processors).
 
     Runs the compiled combination where it applies (see the module docstring), else the eager one; both compute
     :func:`combine_reference`'s formula (results agree to fp32 rounding, and bit for bit in the input dtype but for
-    rare last-place differences in bf16/fp16).
+    rare last-place differences in bf16/fp16). Inputs above :data:`CHUNK_NUMEL` elements are combined in chunks of
+    whole tokens (same result bit for bit, a fraction of the temporaries' memory).
 
     Args:
         z_pos: attention output with the prompt, ``(..., C)``.
         z_neg: attention output with the negative prompt, same shape.
         scale, tau, alpha: as in :func:`nag`.
         norm: ``"l1"`` (paper) or ``"l2"`` (the official diffusers Flux processor).
+        out: where to write the result (same shape and dtype as ``z_pos``; may be ``z_pos`` itself, which then
+            holds the guided output and saves a full-size buffer), or None for a new tensor.
 
     Returns:
-        The guided output, same shape and dtype as ``z_pos``.
+        The guided output, same shape and dtype as ``z_pos`` (``out`` when given).
     """
     if torch.compiler.is_compiling():  # an outer torch.compile: trace the functional math into its graph
-        return combine_reference(z_pos, z_neg, scale, tau, alpha, norm)
+        result = combine_reference(z_pos, z_neg, scale, tau, alpha, norm)
+        return result if out is None else out.copy_(result)
+    plain = type(z_pos) is torch.Tensor and type(z_neg) is torch.Tensor and z_pos.device.type != "meta"
+    width = z_pos.shape[-1] if z_pos.ndim else 1
+    bounds = _chunk_bounds(z_pos.numel() // max(width, 1), width) if plain and z_pos.ndim else None
+
+    def eager(zp: torch.Tensor, zn: torch.Tensor) -> torch.Tensor:
+        return combine_eager(zp, zn, scale, tau, alpha, norm)
+
     key = _compiled_variant(z_pos, z_neg, scale, tau, alpha, norm)
     if key is not None:
         args = [float(x) if isinstance(x, (int, float)) else x for x in (scale, tau, alpha)]
-        try:
-            fn = _compiled_combine()
-            _variants.add(key)
+        fn = None
+
+        def compiled(zp: torch.Tensor, zn: torch.Tensor) -> torch.Tensor:
+            nonlocal fn
+            if fn is None:
+                fn = _compiled_combine()
+                _variants.add(key)
             # tokens flattened to one dim (a view for the usual contiguous inputs): a batch of 1 vs 2 would
             # otherwise compile twice (sizes 0 and 1 are always specialized); detached, so that no guard is put on
             # the view's base
-            out = fn(z_pos.flatten(0, -2).detach(), z_neg.flatten(0, -2).detach(), *args, norm)
-            return out.view(z_pos.shape)
-        except Exception as err:  # noqa: BLE001 - a failure to compile or run compiled code: eager from now on
-            out = combine_eager(z_pos, z_neg, scale, tau, alpha, norm)  # raises itself if the inputs are at fault
+            return fn(zp.flatten(0, -2).detach(), zn.flatten(0, -2).detach(), *args, norm)
+
+        try:
+            return _combine_into(compiled, z_pos, z_neg, out, bounds, fallback=eager)
+        except _Fallback as fell:  # a failure to compile or run compiled code: eager from now on
+            err = fell.error
             why = str(err).strip().splitlines()[0] if str(err).strip() else ""
             if "limit" in type(err).__name__.lower():  # torch._dynamo's recompile limit: this variant stays eager
                 _variants.discard(key)
@@ -296,11 +388,12 @@ def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: Number, tau: Nu
                 _broken[key[0]] = f"{type(err).__name__}: {why}"
             _log.debug("nagkit: compiled NAG combination unavailable for %s, using eager (%s: %s)", key,
                        type(err).__name__, why)
-            return out
+            return fell.result
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
                                        for x in (z_pos, z_neg, scale, tau, alpha)):
-        return combine_reference(z_pos, z_neg, scale, tau, alpha, norm)  # differentiable (no in-place, no out=)
-    return combine_eager(z_pos, z_neg, scale, tau, alpha, norm)
+        result = combine_reference(z_pos, z_neg, scale, tau, alpha, norm)  # differentiable (no in-place, no out=)
+        return result if out is None else out.copy_(result)
+    return _combine_into(eager, z_pos, z_neg, out, bounds)
 
 
 def nag(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: Number, tau: Number = 2.5, alpha: Number = 0.25,

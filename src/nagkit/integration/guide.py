@@ -148,9 +148,48 @@ class _CopyGuided:
             guide._install()
         if self.module is None:
             twin = Guide(clone, guide.state.config, guide._negative_prompt, copy.deepcopy(guide.state.fixed, memo),
-                         guide.negative_max_length)
+                         guide.negative_max_length, guide.expert)
+            for name, view in guide._experts.items():
+                twin._expert_state(name).override = view.override
             twin._install()
         return clone
+
+
+# Two-expert pipelines (Wan 2.2 A14B): the high-noise expert runs first (``transformer``), the low-noise one after
+# ``boundary_ratio`` (``transformer_2``).
+EXPERTS = {"high": "transformer", "low": "transformer_2"}
+
+
+def _check_expert(expert: str, target: Any) -> None:
+    if expert not in ("both", *EXPERTS):
+        raise ValueError(f"expert must be 'high', 'low' or 'both', got {expert!r}")
+    if expert != "both" and (not is_pipeline(target) or getattr(target, EXPERTS["low"], None) is None):
+        raise ValueError(f"expert={expert!r} needs a two-expert pipeline (Wan 2.2 A14B: transformer = high-noise "
+                         f"expert, transformer_2 = low-noise expert); {type(target).__name__} has no transformer_2")
+
+
+class _ExpertState:
+    """One expert's view of a guide's :class:`NAGState`: its own ``config`` once set by ``update(expert=...)``,
+    everything else (the call's negative, packing, counters) shared with the guide."""
+
+    def __init__(self, shared: NAGState) -> None:
+        object.__setattr__(self, "_shared", shared)
+        object.__setattr__(self, "override", None)
+
+    @property
+    def config(self) -> NAGConfig:
+        return self.override if self.override is not None else self._shared.config
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_shared":
+            raise AttributeError(name)
+        return getattr(self._shared, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("config", "override"):
+            object.__setattr__(self, "override", value)
+        else:
+            setattr(self._shared, name, value)
 
 
 class _RefusePickle:
@@ -170,8 +209,10 @@ class Guide:
     """
 
     def __init__(self, target: Any, config: NAGConfig, negative_prompt: NegativePrompt, fixed: Negative | None,
-                 negative_max_length: int | None = None) -> None:
+                 negative_max_length: int | None = None, expert: str = "both") -> None:
         self.target = target
+        self.expert = expert
+        self._experts: dict[str, _ExpertState] = {}  # two-expert pipelines: each expert's view of the state
         self.negative_max_length = negative_max_length
         self.state = NAGState(config=config, fixed=fixed)
         self.spec: PipelineSpec | None = pipeline_spec(target) if is_pipeline(target) else None
@@ -202,7 +243,7 @@ class Guide:
                negative_pooled_prompt_embeds: torch.Tensor | None = None,
                scale: float | None = None, tau: float | None = None, alpha: float | None = None,
                start: float | None = None, end: float | None = None, norm: str | None = None,
-               mode: str | None = None) -> Guide:
+               mode: str | None = None, expert: str | None = None) -> Guide:
         """Change settings; they take effect on the next call. Arguments left as None keep their value.
 
         Args:
@@ -212,6 +253,9 @@ class Guide:
                 the pipeline's embedding form (see :func:`nagkit.apply`).
             scale, tau, alpha, start, end, norm, mode: see :class:`nagkit.NAGConfig`. Switching ``mode`` without a
                 ``norm`` also switches to that mode's norm.
+            expert: two-expert pipelines (Wan 2.2 A14B): ``"high"`` or ``"low"`` changes the settings of that expert
+                only (its own scale/tau/alpha/window from then on; the negative stays shared); ``None`` (default) or
+                ``"both"`` changes the settings shared by the experts without their own.
 
         Returns:
             self.
@@ -219,9 +263,16 @@ class Guide:
         self._require_installed()
         adapter = self._denoisers[0].adapter
         _check_mode(mode, adapter)
-        if mode is not None and norm is None and mode != self.state.config.mode:
+        view = None
+        if expert is not None and expert != "both":
+            _check_expert(expert, self.target)
+            if self.expert not in ("both", expert):
+                raise ValueError(f"expert={expert!r}: this guide guides only the {self.expert!r} expert")
+            view = self._expert_state(expert)
+        current = view.config if view is not None else self.state.config
+        if mode is not None and norm is None and mode != current.mode:
             norm = _mode_norm(mode, adapter)
-        config = self.state.config.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm,
+        config = current.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm,
                                                 mode=mode)
         given = [x is not None for x in (negative_prompt, negative, negative_prompt_embeds)]
         if sum(given) > 1:
@@ -240,8 +291,38 @@ class Guide:
                 raise ValueError("negative_prompt needs a pipeline; for a bare denoiser pass negative={...}")
             _check_can_encode(self.target, self.spec, negative_prompt)
             self._negative_prompt, self.state.fixed = negative_prompt, None
-        self.state.config = config
+        if view is not None:
+            view.override = config
+        else:
+            self.state.config = config
         return self
+
+    def expert_config(self, expert: str) -> NAGConfig:
+        """The settings of one expert (``"high"``/``"low"``) of a two-expert pipeline (Wan 2.2 A14B)."""
+        _check_expert(expert, self.target)
+        return self._expert_state(expert).config
+
+    def _expert_state(self, expert: str) -> _ExpertState:
+        if expert not in self._experts:
+            self._experts[expert] = _ExpertState(self.state)
+        return self._experts[expert]
+
+    def _guided_denoisers(self) -> list[torch.nn.Module]:
+        """The pipeline's denoisers this guide guides (``expert`` filters the Wan 2.2 experts)."""
+        denoisers = pipeline_denoisers(self.target, self.spec)
+        if self.expert == "both":
+            return denoisers
+        chosen = getattr(self.target, EXPERTS[self.expert], None)
+        return [m for m in denoisers if m is chosen]
+
+    def _state_for(self, module: torch.nn.Module) -> Any:
+        """The state the hooks of ``module`` see: an expert's own view on two-expert pipelines, else the guide's."""
+        if self.spec is None or getattr(self.target, EXPERTS["low"], None) is None:
+            return self.state
+        for name, attribute in EXPERTS.items():
+            if getattr(self.target, attribute, None) is module:
+                return self._expert_state(name)
+        return self.state
 
     def remove(self) -> None:
         """Uninstall everything nagkit added; the target then behaves exactly as before :func:`apply`."""
@@ -262,7 +343,7 @@ class Guide:
     # ------------------------------------------------------------------ installation
     def _plan(self) -> list[tuple[torch.nn.Module, Adapter]]:
         """The denoisers to guide with their families; validates everything before anything is touched."""
-        denoisers = pipeline_denoisers(self.target, self.spec) if self.spec is not None else [self.target]
+        denoisers = self._guided_denoisers() if self.spec is not None else [self.target]
         plan = []
         for module in denoisers:
             owner = getattr(module, _MARK, None)
@@ -277,11 +358,12 @@ class Guide:
     def _install_denoiser(self, module: torch.nn.Module, adapter: Adapter) -> None:
         entry = _Installed(module, adapter)
         pipeline = type(self.target).__name__ if self.spec is not None else None
+        state = self._state_for(module)
         for block in module.modules():
             forward = adapter.block_forwards.get(type(block))
             if forward is not None:
-                entry.hooks.append((block, install_hook(block, NAGBlockHook(self.state, forward))))
-        hook = NAGDenoiserHook(self.state, adapter, nag_modules(module, adapter), pipeline)
+                entry.hooks.append((block, install_hook(block, NAGBlockHook(state, forward))))
+        hook = NAGDenoiserHook(state, adapter, nag_modules(module, adapter), pipeline)
         entry.hooks.append((module, install_hook(module, hook)))
         self._set(module, _MARK, self)
         if self.spec is not None:
@@ -328,7 +410,7 @@ class Guide:
 
     def _follow_denoisers(self) -> None:
         """A pipeline's denoiser was replaced (``pipe.unet = other``): move NAG to the new one."""
-        current = pipeline_denoisers(self.target, self.spec)
+        current = self._guided_denoisers()
         if [d.module for d in self._denoisers] == current:
             return
         self._uninstall()
@@ -357,7 +439,7 @@ class Guide:
         if state.negative is not None and not state.call_started:
             return out  # a second encode in the same call, before denoising: the pipeline's CFG negative (FLUX)
         state.call_started = False
-        if state.config.is_off:
+        if state.config.is_off and all(view.config.is_off for view in self._experts.values()):
             state.negative = None
             return out
         arguments = bind_arguments(original, args, kwargs)
@@ -385,7 +467,8 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
           negative_pooled_prompt_embeds: torch.Tensor | None = None,
           scale: float | None = None, tau: float | None = None, alpha: float | None = None,
           start: float | None = None, end: float | None = None, norm: str | None = None,
-          mode: str | None = None, preset: str | None = None, negative_max_length: int | None = None) -> Guide:
+          mode: str | None = None, preset: str | None = None, negative_max_length: int | None = None,
+          expert: str = "both") -> Guide:
     """Install Normalized Attention Guidance on a diffusers pipeline or denoiser.
 
     Args:
@@ -414,6 +497,11 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
         negative_max_length: pipelines with a T5-style ``max_sequence_length`` only: encode the negative with this
             shorter length (cheaper: the negative text's work scales with it). Changes results on models without a
             text mask (Flux, SD3): the dropped T5 padding tokens were keys too.
+        expert: two-expert pipelines (Wan 2.2 A14B ``WanPipeline`` / ``WanImageToVideoPipeline`` with
+            ``transformer_2``): ``"both"`` (default) guides both experts, ``"high"`` only the high-noise expert
+            ``transformer`` (steps with t >= ``boundary_ratio``), ``"low"`` only the low-noise expert
+            ``transformer_2``. To give each expert its own settings, apply with ``"both"`` and then
+            ``guide.update(expert="low", scale=..., end=...)`` (windows are positions in the whole schedule).
 
     Returns:
         A :class:`Guide`: ``update(...)``, ``remove()``, usable as a context manager.
@@ -429,6 +517,7 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
         >>> guide.remove()
     """
     _check_negative_prompt(negative_prompt)
+    _check_expert(expert, target)
     given = [x is not None for x in (negative_prompt, negative, negative_prompt_embeds)]
     if sum(given) > 1:
         raise ValueError("give one of negative_prompt, negative, negative_prompt_embeds")
@@ -463,6 +552,6 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
     if negative_max_length is not None and (isinstance(negative_max_length, bool) or
                                             not isinstance(negative_max_length, int) or negative_max_length < 1):
         raise ValueError(f"negative_max_length must be a positive int, got {negative_max_length!r}")
-    guide = Guide(target, config, negative_prompt, fixed, negative_max_length)
+    guide = Guide(target, config, negative_prompt, fixed, negative_max_length, expert)
     guide._install()
     return guide

@@ -83,7 +83,14 @@ def nag_cross_attention(attend: Attend, query: torch.Tensor, key: torch.Tensor, 
     m_pos, m_neg = split_text(mask, packing, -1, prefix)
     z_pos = attend(query, k_pos, v_pos, m_pos)
     z_neg = attend(_rows(query, packing), _rows(k_neg, packing), _rows(v_neg, packing), _rows(m_neg, packing))
-    guided = nag_combine(_rows(z_pos, packing), z_neg, scale, tau, alpha, norm)
+    target = _rows(z_pos, packing)
+    if (packing.all_rows or z_pos.shape[0] != 1) and not torch.compiler.is_compiling() \
+            and not (torch.is_grad_enabled() and (z_pos.requires_grad or z_neg.requires_grad)):
+        # the guided rows written over Z+ (the attention's own fresh output, read chunk by chunk before each chunk is
+        # written): no full-size output and no concatenation on long videos
+        nag_combine(target, z_neg, scale, tau, alpha, norm, out=target)
+        return z_pos
+    guided = nag_combine(target, z_neg, scale, tau, alpha, norm)
     if packing.all_rows:
         return guided
     return torch.cat([z_pos[: packing.rows.start], guided, z_pos[packing.rows.stop:]], dim=0)
