@@ -532,30 +532,11 @@ def tiny_lumina2_pipeline(seed: int = 0) -> Lumina2Pipeline:
         A ``Lumina2Pipeline`` on CPU in float32.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline
-    from transformers import Gemma2Config, Gemma2Model
 
     from ..tiny.mmdit import FLUX_VAE_FACTORS, _tiny_vae
-    from ..tiny.pipelines import _finish, tiny_gemma_tokenizer
+    from ..tiny.pipelines import _finish, tiny_gemma_encoder
 
-    tokenizer = tiny_gemma_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = Gemma2Model(
-        Gemma2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=2048,
-            sliding_window=512,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            attn_implementation="eager",
-        )
-    ).eval()
+    tokenizer, text_encoder = tiny_gemma_encoder(seed)
     transformer = tiny_lumina2_transformer(seed, cap_feat_dim=text_encoder.config.hidden_size)
     vae = _tiny_vae(seed, FLUX_VAE_FACTORS)
     torch.manual_seed(seed)

@@ -97,29 +97,10 @@ def tiny_sana_pipeline(seed: int = 0) -> SanaPipeline:
         A ``SanaPipeline`` on CPU in float32.
     """
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline
-    from transformers import Gemma2Config, Gemma2Model
 
-    from ..tiny.pipelines import _finish, tiny_gemma_tokenizer
+    from ..tiny.pipelines import _finish, tiny_gemma_encoder
 
-    tokenizer = tiny_gemma_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = Gemma2Model(
-        Gemma2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=2048,
-            sliding_window=512,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            attn_implementation="eager",
-        )
-    ).eval()
+    tokenizer, text_encoder = tiny_gemma_encoder(seed)
     torch.manual_seed(seed)
     transformer = SanaTransformer2DModel(
         patch_size=1,

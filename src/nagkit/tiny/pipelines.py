@@ -45,6 +45,7 @@ __all__ = [
     "tiny_flux_dev_pipeline",
     "tiny_flux_kontext_pipeline",
     "tiny_flux_pipeline",
+    "tiny_gemma_encoder",
     "tiny_gemma_tokenizer",
     "tiny_pixart_sigma_pipeline",
     "tiny_sana_pipeline",
@@ -250,6 +251,28 @@ def tiny_gemma_tokenizer(model_max_length: int = 2048) -> GemmaTokenizer:
     tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, add_bos_token=True)
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def tiny_gemma_encoder(seed: int = 0) -> tuple[GemmaTokenizer, Any]:
+    """The tiny Gemma2 text encoder (2 layers, hidden 16, eager attention, seeded) and its tokenizer: what the Sana,
+    SANA-Video and Lumina 2 tiny pipelines encode text with.
+
+    Args:
+        seed: Seed of the random weights.
+
+    Returns:
+        ``(tokenizer, text_encoder)``, the encoder a ``Gemma2Model`` on CPU in float32, in eval mode.
+    """
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = tiny_gemma_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=2048, sliding_window=512,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="eager")).eval()
+    return tokenizer, text_encoder
 
 
 def _clip_text_config(tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int | None = None) -> CLIPTextConfig:
