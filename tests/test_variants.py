@@ -286,7 +286,7 @@ class Recorder:
 
     def record(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
-        inputs = {k: v for k, v in bound.arguments.items() if k != "self"}
+        inputs = {k: _detach(v) for k, v in bound.arguments.items() if k != "self"}
         self.calls.append((inputs, _detach(output)))
 
     def remove(self) -> None:

@@ -32,6 +32,8 @@ import nagkit
 from nagkit.adapters import NAGProcessor
 from nagkit.tiny.pipelines import TINY_PIPELINES, tiny_condition_image
 
+from .test_variants import Recorder, _flat
+
 PROMPT, NEGATIVE = "a red cat sitting on a table", "blurry low quality"
 SCALE, TAU, ALPHA = 5.0, 2.5, 0.5  # with end=1.0 everywhere (the flux-kontext preset ends NAG at 0.25)
 SIZE = 64
@@ -192,38 +194,6 @@ def generate(variant: Variant, pipe: Any, prompt: str | list[str] = PROMPT, cfg:
     torch.manual_seed(0)  # some pipelines VAE-encode condition images with the global generator
     out = pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), **call)[0]
     return final[0] if final else out
-
-
-class Recorder:
-    """Inputs/outputs of every forward of a module, kept as detached copies."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.calls: list[tuple[dict[str, Any], Any]] = []
-        self.handle = module.register_forward_hook(self.record, with_kwargs=True)
-
-    def record(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
-        inputs = {k: _detach(v) for k, v in bound.arguments.items() if k != "self"}
-        self.calls.append((inputs, _detach(output)))
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
-def _detach(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, (list, tuple)):
-        return [_detach(v) for v in x]
-    return x
-
-
-def _flat(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _flat(v)]
-    return []
 
 
 def encoded_negative(variant: Variant, pipe: Any, text: str) -> dict[str, torch.Tensor]:
