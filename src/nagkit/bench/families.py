@@ -286,12 +286,15 @@ class Inputs:
         text_arg: the argument holding the text embeddings.
         mask_arg: the argument holding the text padding mask, or None.
         negative: the negative's counterparts for ``nagkit.apply(model, negative=...)``.
+        real: keys (of ``kwargs`` and ``negative``) whose tensors are real values the forward reads (Qwen-Image
+            2.1's ``img_mask`` token layout): the time mode keeps them as built instead of making up values.
     """
 
     kwargs: dict[str, Any]
     text_arg: str = "encoder_hidden_states"
     mask_arg: str | None = None
     negative: dict[str, torch.Tensor] = field(default_factory=dict)
+    real: tuple[str, ...] = ()
 
     def with_text(self, text: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
         """The forward kwargs with the text (and mask) replaced, e.g. by a packed ``[positive | negative]`` text.

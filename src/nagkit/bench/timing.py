@@ -269,6 +269,8 @@ def materialize(inputs: Inputs, spec: FamilySpec, device: torch.device, dtype: t
             return [real(key, v) for v in x]
         if not isinstance(x, torch.Tensor):
             return x
+        if key in inputs.real:  # values the family built for real (a token layout)
+            return x.to(device)
         if x.dtype in (torch.long, torch.bool) or (spec.inputs == "chroma" and key == "attention_mask"):
             joint = spec.inputs == "chroma" and x.shape[-1] == g.text_tokens + g.image_query_tokens
             text = g.text_tokens if joint else x.shape[-1]
@@ -282,7 +284,7 @@ def materialize(inputs: Inputs, spec: FamilySpec, device: torch.device, dtype: t
         return torch.randn(x.shape, generator=generator).to(device=device, dtype=dtype)
 
     return Inputs(kwargs=real("", inputs.kwargs), text_arg=inputs.text_arg, mask_arg=inputs.mask_arg,
-                  negative=real("", inputs.negative))
+                  negative=real("", inputs.negative), real=inputs.real)
 
 
 def build_timing_model(spec: FamilySpec, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
