@@ -28,11 +28,9 @@ negative uses a black image instead; CFG is unchanged by NAG).
 CFG: the pipelines call the transformer twice per step; ``HunyuanVideoPipeline`` names them ``cond``/``uncond``
 (``uncond`` never guided), the I2V pipelines do not name them (the unconditional call is recognised by its text).
 
-Not supported: FramePack (``HunyuanVideoFramepackTransformer3DModel``): it prepends projected SigLIP image tokens to
-the refined text and then *crops* the text to the first row's valid length (``transformer_hunyuan_video_framepack.py``
-``encoder_hidden_states[:, :effective_condition_sequence_length[0]]``), a layout change NAG would need its own plan
-for; nagkit refuses that denoiser (``nagkit does not support HunyuanVideoFramepackTransformer3DModel``) and its
-pipeline.
+FramePack (``HunyuanVideoFramepackTransformer3DModel``: SigLIP image tokens prepended to the refined text, clean
+history latents, a batch-1 crop of the text) is its own family, :mod:`nagkit.adapters.hunyuanvideo_framepack`, which
+reuses this module's NAG processor and refiner hook.
 
 The family's file: the NAG processor, the refiner hook and the adapter; pipelines and preset (``hunyuanvideo``); the
 meta inputs of ``nagkit bench``; the tiny pipelines ``tiny-hunyuanvideo``, ``tiny-hunyuanvideo-i2v`` and
