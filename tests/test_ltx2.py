@@ -1,6 +1,7 @@
 """LTX-2 / LTX-2.3 (``LTX2VideoTransformer3DModel``, video + audio): nagkit vs an independent doubled-batch reference
 on both text cross-attentions (``attn2`` video, ``audio_attn2`` audio; LTX-2.3 gated: NAG before the gate), CFG rows,
-masks, per-sample negatives, identities, window, removal, refusals (pipelines, missing audio negative)."""
+masks, per-sample negatives, identities, window, removal, refusal of a missing audio negative. Pipelines:
+``test_ltx2_pipelines.py``."""
 
 import pytest
 import torch
@@ -176,16 +177,3 @@ def test_refusals(ltx2):
         with pytest.raises(ValueError, match="audio_attn2.*audio_encoder_hidden_states"):
             run(model, inputs)
     assert guide.state.packing is None
-    from nagkit.adapters.base import PIPELINES
-
-    assert "LTX2Pipeline" not in PIPELINES and "LTX2ImageToVideoPipeline" not in PIPELINES
-
-
-def test_ltx2_pipelines_are_refused_with_a_clear_error():
-    from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
-
-    from nagkit.integration.pipelines import pipeline_spec
-
-    for klass in (LTX2Pipeline, LTX2ImageToVideoPipeline):
-        with pytest.raises(TypeError, match=f"nagkit does not support {klass.__name__}.*denoiser directly"):
-            pipeline_spec(klass.__new__(klass))

@@ -102,6 +102,15 @@ class PipelineSpec:
             NAG negative (``arguments``: the call's ``encode_prompt`` arguments with the negatives as ``prompt``),
             for pipelines that encode their CFG negative differently from prompts in a way ``overrides`` cannot say
             (Lumina 2: the system prompt goes before prompts only); its tuple is read like ``encode_prompt``'s.
+        post_encode: ``post_encode(pipe, negative) -> Negative`` turns the NAG negative, however it was made
+            (encoded from text, or given in the pipeline's embedding form), into what the denoiser receives, for
+            pipelines that post-process ``encode_prompt``'s output before the denoiser (LTX-2: ``pipe.connectors``
+            make the video and audio text); None: the negative as ``encode_prompt`` returns it.
+        cfg_setter: for pipelines whose CFG scale is a setting of the pipeline, not a call argument (``cfg_arg=""``;
+            HunyuanVideo 1.5's guider): ``cfg_setter(pipe, scale) -> (scale_in_effect, restore)`` puts ``scale`` in
+            place for one call (None: leaves the pipeline's own) and returns the scale in effect (None: no CFG) and
+            a function that restores the pipeline's setting; its ``setting`` attribute names it (``"guider.
+            guidance_scale"``). Read by the command line (``--cfg-scale``); None: ``cfg_arg`` says it all.
     """
 
     denoisers: tuple[str, ...]
@@ -118,6 +127,8 @@ class PipelineSpec:
     cfg_arg: str = "auto"
     cfg_min: float = 1.0
     requires_image: bool = False
+    post_encode: Callable | None = None
+    cfg_setter: Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ def encode_negative(pipe: Any, spec: PipelineSpec, state: NAGState, encode: Any,
     if state.fixed is not None:
         names = {"embeds": "negative_prompt_embeds", "mask": "negative_prompt_attention_mask"}
         fields = {"embeds": state.fixed.embeds, "mask": state.fixed.mask, **state.fixed.extras}
-        return negative_from_embeddings(fields, positive, names, batch_dims)
+        return _post_encode(pipe, spec, negative_from_embeddings(fields, positive, names, batch_dims))
     text = negative_prompt
     if text is None:  # official default: the call's CFG negative prompt, else ""
         text = arguments.get("negative_prompt") or state.call_arguments.get("negative_prompt")
@@ -154,7 +154,8 @@ def encode_negative(pipe: Any, spec: PipelineSpec, state: NAGState, encode: Any,
             embeds = call.get(spec.embeds_args["embeds"])
             if embeds is not None:  # the call's CFG negative in embedding form
                 fields = {field_: call.get(arg) for field_, arg in spec.embeds_args.items()}
-                return negative_from_embeddings(fields, positive, spec.embeds_args, batch_dims)
+                return _post_encode(pipe, spec, negative_from_embeddings(fields, positive, spec.embeds_args,
+                                                                         batch_dims))
             text = ""
     missing = missing_encoders(pipe, spec)
     if missing:
@@ -174,7 +175,13 @@ def encode_negative(pipe: Any, spec: PipelineSpec, state: NAGState, encode: Any,
     neg = encode(**call) if spec.encode_negative is None else spec.encode_negative(encode, call)
     mask = neg[spec.mask_index] if spec.mask_index is not None else None
     extras = {name: neg[index] for name, index in spec.extras.items()}
-    return Negative(embeds=neg[spec.embeds_index], mask=mask, positive=positive, extras=extras)
+    return _post_encode(pipe, spec, Negative(embeds=neg[spec.embeds_index], mask=mask, positive=positive,
+                                             extras=extras))
+
+
+def _post_encode(pipe: Any, spec: PipelineSpec, negative: Negative) -> Negative:
+    """``spec.post_encode`` on the negative (LTX-2's connectors), or the negative as it is."""
+    return negative if spec.post_encode is None else spec.post_encode(pipe, negative)
 
 
 class PipelineMethod:
