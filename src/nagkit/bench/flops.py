@@ -24,6 +24,9 @@ Variants (``B`` = prompts per call):
   which is the same FLUX way;
 * ``min``: the analytic minimum of any NAG implementation: the negative's per-token text layers, and in every
   text cross-attention the negative's key/value projections plus the image-query × negative-key attention.
+* ``nasa``, ``vsf``: the experimental competing methods on nagkit's mechanism,
+  ``nagkit.apply(model, negative=..., method=...)`` (one forward of batch B); ``vsf`` is n/a on families outside
+  :data:`nagkit.integration.guide.VSF_FAMILIES`.
 
 Short negatives (families whose padded negatives nagkit shortens, :func:`drops_padding`: PixArt, Sana). A pipeline
 pads the negative to the text encoder's length (300 tokens on Sana) and marks the padding in the mask; nagkit drops
@@ -48,7 +51,9 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 from .families import FamilySpec, Inputs, build_inputs, build_model, parameter_count
 from .reference import OFFICIAL_WAY, OfficialLayout, official_processors, text_cross_attention_modules
 
-VARIANTS = ("none", "cfg", "nag", "nag-official", "nag+cfg", "official", "min")
+VARIANTS = ("none", "cfg", "nag", "nag-official", "nag+cfg", "official", "min", "nasa", "vsf")
+#: The experimental methods counted as variants (``NAGConfig.method``).
+METHOD_VARIANTS = ("nasa", "vsf")
 #: Valid tokens of the realistic short negative counted where nagkit drops padding (a few words: "blurry, low quality").
 SHORT_NEGATIVE_TOKENS = 8
 #: Largest NAG FLOP overhead allowed with the short negative, per family (issue 12: Sana-1.6B at 1024², ≤ +1 %).
@@ -376,18 +381,19 @@ def packed_kwargs(inputs: Inputs) -> dict[str, Any]:
     return inputs.with_text(torch.cat([text, neg], dim=1), mask)
 
 
-def _try_apply(model: torch.nn.Module, negative: dict[str, torch.Tensor], mode: str = "fast"
+def _try_apply(model: torch.nn.Module, negative: dict[str, torch.Tensor], mode: str = "fast", method: str = "nag"
                ) -> tuple[Any | None, str]:
     import nagkit
 
     try:
-        return nagkit.apply(model, negative=negative, mode=mode), ""
+        options = {} if method == "nag" else {"method": method}
+        return nagkit.apply(model, negative=negative, mode=mode, **options), ""
     except (TypeError, NotImplementedError) as err:
         return None, str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def count_guided(model: torch.nn.Module, inputs: Inputs, mode: str, two_attentions: bool = False
-                  ) -> tuple[int | None, str]:
+def count_guided(model: torch.nn.Module, inputs: Inputs, mode: str, two_attentions: bool = False,
+                 method: str = "nag") -> tuple[int | None, str]:
     """FLOPs of one guided forward with ``nagkit.apply(model, negative=..., mode=mode)``, or ``(None, reason)``.
 
     Args:
@@ -395,13 +401,14 @@ def count_guided(model: torch.nn.Module, inputs: Inputs, mode: str, two_attentio
         inputs: the call's inputs and the negative.
         mode: nagkit's ``mode`` (``"fast"`` or ``"official"``).
         two_attentions: count inside :func:`nagkit.kernels.joint.force_two_attentions` (the official way).
+        method: ``NAGConfig.method`` (``"nag"``, or the experimental ``"nasa"``/``"vsf"`` with their defaults).
 
     Returns:
         ``(flops, "")``, or ``(None, why)`` when NAG does not support the model or the forward failed.
     """
     from ..kernels.joint import force_two_attentions
 
-    guide, reason = _try_apply(model, inputs.negative, mode)
+    guide, reason = _try_apply(model, inputs.negative, mode, method)
     if guide is None:
         return None, f"{NOT_SUPPORTED} ({reason})"
     try:
@@ -482,6 +489,8 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None,
                 result.notes.append(f"mode='official': {why}")
         record("nag+cfg", variants["none"].flops + nag, "two forwards: uncond plain + cond guided")
 
+    count_methods(model, inputs, nag, reason, result, record)
+
     if cross:
         layout = OfficialLayout(lp=g.text_tokens, ln=g.negative_length, image_tokens=g.image_tokens)
         packed = packed_kwargs(inputs)
@@ -540,6 +549,23 @@ def run_family(spec: FamilySpec, progress: Callable[[str], None] | None = None,
             + (f"{short.nag_flops / 1e12:12.4f} TFLOPs" if short.nag_flops is not None else short.note))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def count_methods(model: torch.nn.Module, inputs: Inputs, nag: int | None, reason: str, result: FamilyResult,
+                  record: Callable[..., None]) -> None:
+    """Count the :data:`METHOD_VARIANTS` (experimental NASA and VSF) with ``record(name, flops, note)``."""
+    from ..adapters import adapter_for
+    from ..integration.guide import VSF_FAMILIES
+
+    for method in METHOD_VARIANTS:
+        if nag is None:
+            record(method, None, NOT_SUPPORTED if not result.nag_supported else reason)
+        elif method == "vsf" and adapter_for(model).model_class.__name__ not in VSF_FAMILIES:
+            record(method, None, f"{NOT_APPLICABLE}: VSF needs nagkit's joint/cross-attention kernels, which "
+                                 f"{type(model).__name__}'s NAG processor does not use")
+        else:
+            flops, why = count_guided(model, inputs, "fast", method=method)
+            record(method, flops, why or f"nagkit.apply(model, negative=..., method='{method}') (experimental)")
 
 
 def drops_padding(spec: FamilySpec) -> bool:

@@ -42,9 +42,10 @@ tensors and tensor subclasses (FLOP counting, fake tensors: no memory to save).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -185,6 +186,52 @@ def combine_eager(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: Number, tau: 
         big = torch.finfo(z_pos.dtype).max
         out.clamp_(-big, big)
     return out.to(z_pos.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ methods
+# The guidance rule of the guided forward in flight: ("nag" | "nasa" | "vsf", VSF offset). Set by the denoiser hook
+# around a guided forward (:func:`guidance_method`) and read by :func:`nag_combine` and the kernels
+# (:mod:`nagkit.kernels`), so that every family's NAG processor applies the configured method without passing it.
+_METHOD: tuple[str, float] = ("nag", 0.0)
+
+
+@contextlib.contextmanager
+def guidance_method(method: str, offset: float = 0.0) -> Iterator[None]:
+    """Make ``method`` (``"nag"``, ``"nasa"`` or ``"vsf"``, experimental but for NAG) the rule that
+    :func:`nag_combine` and the kernels of :mod:`nagkit.kernels` apply inside the block (the denoiser hook wraps
+    every guided forward in it with the guide's :class:`~nagkit.core.config.NAGConfig`)."""
+    global _METHOD
+    previous, _METHOD = _METHOD, (method, float(offset))
+    try:
+        yield
+    finally:
+        _METHOD = previous
+
+
+def current_method() -> tuple[str, float]:
+    """``(method, offset)`` of the guided forward in flight (``("nag", 0.0)`` outside one)."""
+    return _METHOD
+
+
+def nasa_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: Number, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """NASA (negative-away steering attention, SNOOPI arXiv 2412.02687; experimental): ``Z+ − φ·Z-`` per element,
+    no normalisation. One rounding in the input dtype (the subtraction runs in fp32 opmath for bf16/fp16), saturated
+    at the dtype's largest finite value.
+
+    Args:
+        z_pos, z_neg: the attention outputs with the prompt and with the negative, same shape.
+        scale: φ ≥ 0 (``NAGConfig.scale`` with ``method="nasa"``).
+        out: where to write the result (may be ``z_pos`` itself), or None.
+    """
+    if isinstance(scale, torch.Tensor) or torch.is_grad_enabled() and (z_pos.requires_grad or z_neg.requires_grad):
+        result = z_pos - z_neg * _as_param(scale, z_pos)
+    else:
+        result = torch.add(z_pos, z_neg, alpha=-float(scale))
+    if result.dtype in (torch.float16, torch.bfloat16):
+        big = torch.finfo(result.dtype).max
+        result = result.clamp(-big, big)
+    return result if out is None else out.copy_(result)
 
 
 # ------------------------------------------------------------------------------------------------ compiled path
@@ -332,7 +379,7 @@ class _Fallback(Exception):  # noqa: N818 - internal: a result together with the
 
 
 def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: Number, tau: Number, alpha: Number,
-                norm: str = "l1", out: torch.Tensor | None = None) -> torch.Tensor:
+                norm: str = "l1", out: torch.Tensor | None = None, method: str | None = None) -> torch.Tensor:
     """The NAG math without validation or identity shortcuts (the hot path used by the attention processors).
 
     Runs the compiled combination where it applies (see the module docstring), else the eager one; both compute
@@ -348,9 +395,21 @@ def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: Number, tau: Nu
         out: where to write the result (same shape and dtype as ``z_pos``; may be ``z_pos`` itself, which then
             holds the guided output and saves a full-size buffer), or None for a new tensor.
 
+        method: the rule (``"nag"``, or ``"nasa"``: :func:`nasa_combine` with φ = ``scale``, ``tau``/``alpha``/``norm``
+            unused); None: the guided forward's (:func:`current_method`). ``"vsf"`` is not a combination of ``Z+``
+            and ``Z-`` (it changes the attention itself) and raises here.
+
     Returns:
         The guided output, same shape and dtype as ``z_pos`` (``out`` when given).
     """
+    method = _METHOD[0] if method is None else method
+    if method != "nag":
+        if method == "nasa":
+            return nasa_combine(z_pos, z_neg, scale, out)
+        raise NotImplementedError(
+            f"method={method!r} cannot be computed from the two attention outputs Z+ and Z- this attention layer "
+            "produces: it needs nagkit's joint/cross-attention kernels (nagkit.kernels); this family's NAG processor "
+            "computes its attention itself. Use method='nag' or 'nasa' for it")
     if torch.compiler.is_compiling():  # an outer torch.compile: trace the functional math into its graph
         result = combine_reference(z_pos, z_neg, scale, tau, alpha, norm)
         return result if out is None else out.copy_(result)
@@ -437,7 +496,7 @@ def nag(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: Number, tau: Number = 2
     validate_params(scale, tau, alpha)
     if is_identity(scale, alpha):
         return z_pos
-    out = nag_combine(z_pos, z_neg, scale, tau, alpha, norm)
+    out = nag_combine(z_pos, z_neg, scale, tau, alpha, norm, method="nag")
     if isinstance(scale, torch.Tensor) or isinstance(alpha, torch.Tensor):
         on = torch.as_tensor(scale > 1, device=z_pos.device) & torch.as_tensor(alpha != 0, device=z_pos.device)
         out = torch.where(on, out, z_pos)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..adapters import Adapter, adapter_for, nag_modules, supported_models
-from ..core.config import NAGConfig, get_preset
+from ..core.config import METHODS, NAGConfig, get_preset
 from ..core.state import NAGState, Negative
 from .hook import NAGBlockHook, NAGDenoiserHook, install_hook, uninstall_hook
 from .pipelines import (
@@ -122,6 +122,46 @@ def _check_mode(mode: str | None, adapter: Adapter) -> None:
                          "implementation exists to reproduce); use mode='fast'")
 
 
+#: Families (denoiser class names) whose every guided attention layer goes through nagkit's kernels
+#: (:func:`nagkit.kernels.joint.nag_joint_attention`, :func:`nagkit.kernels.cross.nag_cross_attention`), where
+#: ``method="vsf"`` is implemented. The other families compute their attention themselves and only combine ``Z+`` and
+#: ``Z-`` (NAG, NASA): they refuse VSF. Tested against reference implementations: FLUX (the embedded toy model's
+#: architecture), Wan and the UNets (``tests/test_methods.py``); the others run the same kernel code.
+VSF_FAMILIES = frozenset({
+    "FluxTransformer2DModel", "ChromaTransformer2DModel", "SD3Transformer2DModel", "WanTransformer3DModel",
+    "WanVACETransformer3DModel", "UNet2DConditionModel", "PixArtTransformer2DModel", "SanaTransformer2DModel",
+    "LTXVideoTransformer3DModel", "HunyuanVideoTransformer3DModel", "QwenImageTransformer2DModel",
+    "HiDreamImageTransformer2DModel",
+})
+
+
+def _check_method(method: str, adapter: Adapter) -> None:
+    """Refuse a method the family cannot compute (VSF outside :data:`VSF_FAMILIES`), naming the family."""
+    name = adapter.model_class.__name__
+    if method == "vsf" and name not in VSF_FAMILIES:
+        raise ValueError(f"method='vsf' is not available for {name}: its NAG attention is computed by the family's "
+                         "own code, not by nagkit's joint/cross-attention kernels where VSF is implemented; "
+                         f"use method='nag' or 'nasa' (VSF families: {', '.join(sorted(VSF_FAMILIES))})")
+
+
+def _check_method_params(method: str, tau: float | None, alpha: float | None, norm: str | None,
+                         mode: str | None = None) -> None:
+    """NASA and VSF do not use NAG's tau/alpha/norm and have no official mode: refuse them when given (never
+    silently ignored)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "nag":
+        return
+    if mode == "official":
+        raise ValueError(f"mode='official' reproduces the official NAG code: method={method!r} has no official mode "
+                         "in nagkit; use mode='fast'")
+    for name, value in (("tau", tau), ("alpha", alpha), ("norm", norm)):
+        if value is not None:
+            used = "scale (phi)" if method == "nasa" else "scale (beta) and offset"
+            raise ValueError(f"{name} is a NAG parameter: method={method!r} does not use it (it takes {used}); "
+                             f"leave {name} unset")
+
+
 @dataclass
 class _Installed:
     """What one guide installed on one denoiser."""
@@ -149,6 +189,7 @@ class _CopyGuided:
         if self.module is None:
             twin = Guide(clone, guide.state.config, guide._negative_prompt, copy.deepcopy(guide.state.fixed, memo),
                          guide.negative_max_length, guide.expert)
+            twin._nag_base = guide._nag_base
             for name, view in guide._experts.items():
                 twin._expert_state(name).override = view.override
             twin._install()
@@ -215,6 +256,8 @@ class Guide:
         self._experts: dict[str, _ExpertState] = {}  # two-expert pipelines: each expert's view of the state
         self.negative_max_length = negative_max_length
         self.state = NAGState(config=config, fixed=fixed)
+        # the NAG settings to return to when ``update(method="nag")`` follows NASA/VSF
+        self._nag_base = config if config.method == "nag" else NAGConfig()
         self.spec: PipelineSpec | None = pipeline_spec(target) if is_pipeline(target) else None
         self._negative_prompt = negative_prompt
         self._denoisers: list[_Installed] = []
@@ -243,7 +286,8 @@ class Guide:
                negative_pooled_prompt_embeds: torch.Tensor | None = None,
                scale: float | None = None, tau: float | None = None, alpha: float | None = None,
                start: float | None = None, end: float | None = None, norm: str | None = None,
-               mode: str | None = None, expert: str | None = None) -> Guide:
+               mode: str | None = None, expert: str | None = None, method: str | None = None,
+               offset: float | None = None) -> Guide:
         """Change settings; they take effect on the next call. Arguments left as None keep their value.
 
         Args:
@@ -253,6 +297,10 @@ class Guide:
                 the pipeline's embedding form (see :func:`nagkit.apply`).
             scale, tau, alpha, start, end, norm, mode: see :class:`nagkit.NAGConfig`. Switching ``mode`` without a
                 ``norm`` also switches to that mode's norm.
+            method: ``"nag"``, ``"nasa"`` or ``"vsf"`` (experimental; see :class:`nagkit.NAGConfig`). Switching to
+                NASA/VSF without ``scale``/``offset`` takes the method's defaults; switching back to ``"nag"`` restores
+                the NAG settings the guide was applied with (its preset and overrides) unless given.
+            offset: VSF's logit offset on the negative's keys (``method="vsf"`` only).
             expert: two-expert pipelines (Wan 2.2 A14B): ``"high"`` or ``"low"`` changes the settings of that expert
                 only (its own scale/tau/alpha/window from then on; the negative stays shared); ``None`` (default) or
                 ``"both"`` changes the settings shared by the experts without their own.
@@ -270,10 +318,15 @@ class Guide:
                 raise ValueError(f"expert={expert!r}: this guide guides only the {self.expert!r} expert")
             view = self._expert_state(expert)
         current = view.config if view is not None else self.state.config
+        target = current.method if method is None else method
+        _check_method_params(target, tau, alpha, norm, mode)
+        _check_method(target, adapter)
+        if target == "nag" and current.method != "nag":  # back to NAG: the NAG settings the guide started from
+            current = self._nag_base.with_updates(start=current.start, end=current.end)
         if mode is not None and norm is None and mode != current.mode:
             norm = _mode_norm(mode, adapter)
         config = current.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm,
-                                                mode=mode)
+                                      mode=mode, method=method, offset=offset)
         given = [x is not None for x in (negative_prompt, negative, negative_prompt_embeds)]
         if sum(given) > 1:
             raise ValueError("give one of negative_prompt, negative, negative_prompt_embeds")
@@ -468,7 +521,7 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
           scale: float | None = None, tau: float | None = None, alpha: float | None = None,
           start: float | None = None, end: float | None = None, norm: str | None = None,
           mode: str | None = None, preset: str | None = None, negative_max_length: int | None = None,
-          expert: str = "both") -> Guide:
+          expert: str = "both", method: str | None = None, offset: float | None = None) -> Guide:
     """Install Normalized Attention Guidance on a diffusers pipeline or denoiser.
 
     Args:
@@ -502,6 +555,13 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
             ``transformer`` (steps with t >= ``boundary_ratio``), ``"low"`` only the low-noise expert
             ``transformer_2``. To give each expert its own settings, apply with ``"both"`` and then
             ``guide.update(expert="low", scale=..., end=...)`` (windows are positions in the whole schedule).
+        method: ``"nag"`` (default), or the experimental competing methods ``"nasa"`` (NASA: ``Z+ − φ·Z-``,
+            ``scale`` = φ, default 0.25) and ``"vsf"`` (Value Sign Flip: the negative's keys in the same softmax as
+            the prompt's with values ``× −β``, ``scale`` = β, default 3.5, and ``offset``). NASA/VSF take no
+            ``tau``/``alpha``/``norm`` (refused when given) and no ``mode="official"``; windows, CFG (conditional rows
+            only) and per-sample negatives work as for NAG. VSF needs a family of
+            :data:`nagkit.integration.guide.VSF_FAMILIES`. See :class:`nagkit.NAGConfig`.
+        offset: VSF only: subtracted from the image queries' attention logits on the negative's keys (default 0.1).
 
     Returns:
         A :class:`Guide`: ``update(...)``, ``remove()``, usable as a context manager.
@@ -546,12 +606,17 @@ def apply(target: Any, negative_prompt: NegativePrompt = None, *, negative: dict
         fixed = _check_negative_dict(negative, family)
     base = get_preset(preset or default_preset)
     _check_mode(mode or base.mode, family)
+    _check_method_params(method or base.method, tau, alpha, norm, mode)
+    _check_method(method or base.method, family)
     if mode is not None and norm is None:
         norm = _mode_norm(mode, family)
-    config = base.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm, mode=mode)
+    config = base.with_updates(scale=scale, tau=tau, alpha=alpha, start=start, end=end, norm=norm, mode=mode,
+                               method=method, offset=offset)
     if negative_max_length is not None and (isinstance(negative_max_length, bool) or
                                             not isinstance(negative_max_length, int) or negative_max_length < 1):
         raise ValueError(f"negative_max_length must be a positive int, got {negative_max_length!r}")
     guide = Guide(target, config, negative_prompt, fixed, negative_max_length, expert)
+    if config.method != "nag":  # update(method="nag") later returns to the preset's NAG settings
+        guide._nag_base = base if base.method == "nag" else NAGConfig()
     guide._install()
     return guide

@@ -20,6 +20,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from ..core.operator import guidance_method
 from ..core.state import NAGState, Negative, Packing
 from .caches import LayoutTracker, register_innermost, remove_hook_safely, track_layout
 
@@ -334,7 +335,8 @@ class NAGDenoiserHook(ModelHook):
         state.calls["guided"] += 1
         state.packing = state.last_packing = packing
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            with guidance_method(state.config.method, state.config.offset):  # NAG or an experimental method
+                return self.fn_ref.original_forward(*args, **kwargs)
         finally:
             state.packing = None
             state.extras.clear()

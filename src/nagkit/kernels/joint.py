@@ -13,6 +13,13 @@ small image→text attentions, so the negative branch never recomputes image→i
 same numbers come from two full attentions (``use_lse=False``). Every attention runs on the module's diffusers
 attention backend (``set_attention_backend``) through ``dispatch_attention_fn``; see
 :func:`nagkit.kernels.lse.attention_with_lse_backend` for how the LSE is obtained per backend.
+
+Experimental methods (``NAGConfig.method``, applied when the guided forward runs with them, see
+:func:`nagkit.core.operator.guidance_method`): ``"nasa"`` combines the same ``Z+``/``Z-`` as ``Z+ − φ·Z-``; ``"vsf"``
+(Value Sign Flip) gives the guided image queries ONE softmax over ``[Tp, I]`` and the negative's keys ``Tn``, the
+latter with values ``× −β`` and logits ``− offset``: the log-sum-exp merge of the image→image part, the image→prompt
+part and the image→negative part whose output is scaled by ``−β`` and whose LSE is lowered by ``offset`` (attention is
+linear in the values, and a constant logit shift moves only the LSE). Text queries are the same as for NAG.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..core.operator import nag_combine
+from ..core.operator import current_method, nag_combine
 from .cross import Packing
 from .lse import additive_mask, attend, attention_with_lse_backend, dead_rows, merge_attention
 
@@ -54,7 +61,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packing: Packing,
                         text_first: bool, scale: float, tau: float, alpha: float, norm: str = "l1",
                         use_lse: bool | None = None, bias: torch.Tensor | None = None,
-                        backend: Any = None) -> torch.Tensor:
+                        backend: Any = None, method: str | None = None, offset: float = 0.0) -> torch.Tensor:
     """NAG joint attention over a packed ``[Tp | Tn | I]`` (``text_first``) or ``[I | Tp | Tn]`` sequence.
 
     Args:
@@ -69,11 +76,15 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
             that every query shares, e.g. Qwen-Image's ``[text mask | ones]``); a boolean keep-mask works too.
         backend: the module's diffusers attention backend (None: diffusers' active one; ``"native"`` for processors
             that call PyTorch's SDPA directly).
+        method, offset: the guidance rule (``"nag"``, ``"nasa"``, ``"vsf"``) and VSF's logit offset; ``method=None``
+            (default): the guided forward's (:func:`nagkit.core.operator.current_method`, offset included).
 
     Returns:
         ``(B, L, H·D)`` in the packed order and the query dtype: the joint-attention output of every token, with
         ``NAG(Z+, Z-)`` on the image tokens of the guided rows and ``Z+`` on the others.
     """
+    if method is None:
+        method, offset = current_method()
     if use_lse is None:
         use_lse = lse_available(query.device) and not _TWO_ATTENTIONS
     lp, ln, total = packing.lp, packing.ln, query.shape[2]
@@ -135,7 +146,33 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         positive = image and with_lse(q_i, seg(key, sp), seg(value, sp), block(si, sp), dead(dead_p, si))
         negative = positive and with_lse(q_g, guided_rows(seg(key, sn)), guided_rows(seg(value, sn)),
                                          guided_rows(block(si, sn)), guided_rows(dead(dead_n, si)))
-    if negative is not None:
+    if method == "vsf":
+        if negative is not None:  # merge [I, Tp] with the negative part, its output times -β, its LSE minus offset
+            flipped = (negative[0].float() * -scale, negative[1] - offset)
+            if packing.all_rows:
+                guided = merge_attention([image, positive, flipped], heads_last=True)
+            else:
+                guided = merge_attention([(image[0][rows], image[1][rows]), (positive[0][rows], positive[1][rows]),
+                                          flipped], heads_last=True)
+        else:  # one full attention over [Tp, I, Tn] with the negative's values flipped and its logits offset
+            pos_bias, neg_bias, vsf_bias = block_keys(si, sp), block(si, sn), None
+            if pos_bias is not None or offset != 0:
+                if pos_bias is None:
+                    pos_bias, neg_bias = query.new_zeros(1, 1, 1, lp + li), query.new_zeros(1, 1, 1, ln)
+                neg_bias = neg_bias - offset
+                shape = torch.broadcast_shapes(pos_bias.shape[:-1], neg_bias.shape[:-1])
+                vsf_bias = torch.cat([pos_bias.expand(*shape, -1), neg_bias.expand(*shape, -1)], dim=-1)
+            guided = sdpa(q_g, guided_rows(torch.cat([keys(sp, key), seg(key, sn)], dim=2)),
+                          guided_rows(torch.cat([keys(sp, value), seg(value, sn) * -scale], dim=2)),
+                          guided_rows(vsf_bias))
+        guided = _merge_heads(guided)
+        if not packing.all_rows:
+            if image is not None and positive is not None:
+                z_pos = merge_attention([image, positive], heads_last=True)
+            else:
+                z_pos = sdpa(q_i, keys(sp, key), keys(sp, value), block_keys(si, sp))
+            z_pos = _merge_heads(z_pos)
+    elif negative is not None:
         z_pos = merge_attention([image, positive], heads_last=True)
         if not packing.all_rows:
             image = (image[0][rows], image[1][rows])
@@ -143,8 +180,10 @@ def nag_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     else:
         z_pos = sdpa(q_i, keys(sp, key), keys(sp, value), block_keys(si, sp))
         z_neg = sdpa(q_g, guided_rows(keys(sn, key)), guided_rows(keys(sn, value)), guided_rows(block_keys(si, sn)))
-    z_pos, z_neg = _merge_heads(z_pos), _merge_heads(z_neg)
-    guided = nag_combine(z_pos if packing.all_rows else z_pos[rows], z_neg, scale, tau, alpha, norm)
+    if method != "vsf":
+        z_pos, z_neg = _merge_heads(z_pos), _merge_heads(z_neg)
+        guided = nag_combine(z_pos if packing.all_rows else z_pos[rows], z_neg, scale, tau, alpha, norm,
+                             method=method)
     if not packing.all_rows:
         guided = torch.cat([z_pos[: rows.start], guided, z_pos[rows.stop:]], dim=0)
     parts = [_merge_heads(out_p), _merge_heads(out_n), guided] if text_first else \
