@@ -1,4 +1,5 @@
-"""nagkit's ComfyUI nodes: Normalized Attention Guidance (NAG) for FLUX.1/Chroma, SD3/SD3.5, SD1.x/SDXL and Wan.
+"""nagkit's ComfyUI nodes: Normalized Attention Guidance (NAG) for FLUX.1/FLUX.2/Chroma, SD3/SD3.5, SD1.x/SDXL, Wan,
+Qwen-Image, HunyuanVideo and HiDream-I1.
 
 ComfyUI's custom-node loader imports this package and calls :func:`comfy_entrypoint` (V3 node API). Outside ComfyUI
 (tests, tools) only the ComfyUI-free glue in :mod:`.glue` is importable.

@@ -14,13 +14,16 @@ Mechanism (one guided model call):
   untouched.
 * Per family, patches that only act when that state is present carry the negative through the model:
 
-  - MM-DiT (FLUX.1 / Chroma, SD3, Qwen-Image, HunyuanVideo): ``dit`` block replaces append the negative's text
+  - MM-DiT (FLUX.1 / FLUX.2 / Chroma, SD3, Qwen-Image, HunyuanVideo): ``dit`` block replaces append the negative's text
     tokens to the text stream
     (``[Tp | Tn]``, embedded once per call with the model's own text-in layer) and extend the RoPE table; the joint
     attention ``[Tp | Tn | I]`` is then split by an ``optimized_attention_override``: prompt text and image tokens
     of every row attend exactly as before over ``[Tp | I]``, the negative's text attends over ``[Tn | I]``, and the
     image queries of the conditional rows get ``NAG(Z+, Z-)`` with ``Z-`` over ``[Tn | I]``. The image stream is
     never duplicated.
+  - HiDream-I1 (no block replace in ComfyUI): the ``APPLY_MODEL`` wrapper appends the negative's T5 and Llama-3
+    tokens to the model's own text inputs; the override permutes each joint attention to ``[I | Tp | Tn]`` and
+    splits it as above (:class:`HiDreamFamily`).
   - Cross-attention (SD1.x/SDXL UNet through ``attn2_patch``, Wan through a ``dit`` block replace): the text
     context is extended along the sequence (``[pos | neg]``) and the override splits the keys again
     (:func:`nagkit.kernels.cross.nag_cross_attention`).
@@ -155,6 +158,8 @@ class RunLedger:
     negative: torch.Tensor | None = None
     applied: int = 0
     cache: dict = field(default_factory=dict)
+    #: the negative's other conditioning tensors a family needs (HiDream: ``conditioning_llama3``)
+    extras: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -169,13 +174,25 @@ class StepLedger:
 
 @dataclass
 class JointExpect:
-    """A joint attention over ``[Tp | Tn | I]`` (text_first) or ``[I | Tp | Tn]`` the override should split."""
+    """A joint attention over ``[Tp | Tn | I]`` (text_first) or ``[I | Tp | Tn]`` the override should split.
+
+    ``order`` (optional): the packed sequence is not in that layout but its permutation ``x[:, order]`` is (HiDream
+    interleaves the prompt's and the negative's text segments); the output is permuted back. ``remaining``: how many
+    attention calls of this shape to split before the expectation is consumed (HiDream arms every block at once)."""
 
     lp: int
     ln: int
     total: int
     text_first: bool
     where: str
+    order: torch.Tensor | None = None
+    remaining: int = 1
+    #: armed before the model runs (not in a block): if none of the ``remaining`` attentions ran, the model's blocks
+    #: did not run (a cache node reused an earlier output), which the per-step check judges, as for block patches
+    whole_call: bool = False
+
+    def __post_init__(self) -> None:
+        self.calls = self.remaining
 
 
 @dataclass
@@ -197,13 +214,14 @@ class CallState:
     """State of one guided ``apply_model`` call (lives in that call's copy of ``transformer_options``)."""
 
     def __init__(self, patch: NAGPatch, dm: Any, rows: list[int], batch: int, negative: torch.Tensor,
-                 context_len: int | None, run: RunLedger | None) -> None:
+                 context_len: int | None, run: RunLedger | None, extras: dict | None = None) -> None:
         self.patch = patch
         self.settings = patch.settings
         self.dm = dm
         self.rows = rows
         self.batch = batch
         self.raw_negative = negative
+        self.raw_extras = extras or {}
         self.context_len = context_len
         self.run = run
         self.entries = 0
@@ -235,6 +253,20 @@ class CallState:
             store[key] = out
         return out
 
+    def raw_extra(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """The negative's conditioning tensor ``name`` (e.g. HiDream's ``conditioning_llama3``) on
+        ``device``/``dtype``, cast once per sampling run; None when the negative has none."""
+        value = self.raw_extras.get(name)
+        if value is None:
+            return None
+        key = ("extra", name, device, dtype)
+        store = self.run.cache if self.run is not None else self.cache
+        out = store.get(key)
+        if out is None:
+            out = value.to(device=device, dtype=dtype)
+            store[key] = out
+        return out
+
     def batched(self, x: torch.Tensor) -> torch.Tensor:
         """A per-negative tensor ``(n, ...)`` as one row per batch row of this call."""
         return batch_like(x, self.batch, self.batch // max(1, self.cache.get("chunks", 1)))
@@ -247,8 +279,12 @@ class CallState:
 
     def check_consumed(self) -> None:
         if self.expect is not None:
-            where = self.expect.where
+            expect, where = self.expect, self.expect.where
             self.expect = None
+            if isinstance(expect, JointExpect) and expect.whole_call and expect.remaining == expect.calls:
+                return
+            if isinstance(expect, JointExpect) and expect.calls > 1:
+                where = f"{where} ({expect.remaining} of {expect.calls})"
             self.patch.report(f"the attention of {where} did not reach NAG's attention override (another patch may "
                               "have replaced it, or this ComfyUI version computes that attention differently)", self)
 
@@ -331,9 +367,16 @@ def make_override(state: CallState, prev: Callable | None) -> Callable:
             call = AttnCall(args, kwargs)
             if isinstance(expect, JointExpect):
                 if call.q.shape[call.seq_dim] == expect.total and call.k.shape[call.seq_dim] == expect.total:
-                    state.expect = None
-                    out = joint_attention(state, expect, call, lambda **v: attention(func, call, **v),
-                                          fast=prev is None and state.settings.attention == "auto")
+                    if expect.whole_call and expect.remaining == expect.calls:
+                        state.entries += 1
+                    expect.remaining -= 1
+                    if expect.remaining <= 0:
+                        state.expect = None
+                    fast = prev is None and state.settings.attention == "auto"
+                    if expect.order is None:
+                        out = joint_attention(state, expect, call, lambda **v: attention(func, call, **v), fast)
+                    else:
+                        out = permuted_joint_attention(state, expect, call, func, attention, fast)
                     state.applied += 1
                     return out
             elif call.k.shape[call.seq_dim] == expect.lp + expect.ln:
@@ -454,6 +497,21 @@ def joint_attention(state: CallState, expect: JointExpect, call: AttnCall, atten
     return _finish(out, call)
 
 
+def permuted_joint_attention(state: CallState, expect: JointExpect, call: AttnCall, func: Callable,
+                             attention: Callable, fast: bool) -> torch.Tensor:
+    """:func:`joint_attention` on a packed sequence whose permutation ``expect.order`` is ``[I | Tp | Tn]``: keys are
+    permuted with their queries (softmax attention without a mask does not depend on the key order), the output is
+    permuted back. The prompt's segments keep their relative order, so ``[I | Tp]`` is the unpatched sequence."""
+    order = expect.order.to(call.q.device)
+    d = call.seq_dim
+    q, k, v = (x.index_select(d, order) for x in (call.q, call.k, call.v))
+    args, kwargs = call.replaced(q=q, k=k, v=v)
+    permuted = AttnCall(tuple(args), kwargs)
+    out = joint_attention(state, expect, permuted, lambda **v: attention(func, permuted, **v), fast)
+    out_dim = 2 if call.get("skip_output_reshape", False) else 1
+    return out.index_select(out_dim, torch.argsort(order))
+
+
 def cross_attention(state: CallState, expect: CrossExpect, call: AttnCall,
                     attend: Callable[..., torch.Tensor]) -> torch.Tensor:
     """NAG cross-attention whose keys/values are ``[pos | neg]`` along the sequence."""
@@ -503,9 +561,11 @@ class NAGPatch:
     Shared (read-only) by later clones of the patched model; per-call, per-step and per-run state never lives here.
     """
 
-    def __init__(self, settings: NAGSettings, negative: torch.Tensor | None, family: Family, model_name: str) -> None:
+    def __init__(self, settings: NAGSettings, negative: torch.Tensor | None, family: Family, model_name: str,
+                 extras: dict | None = None) -> None:
         self.settings = settings
         self.negative = None if negative is None else negative.detach()
+        self.extras = {k: v.detach() for k, v in (extras or {}).items()}
         self.family = family
         self.model_name = model_name
         self._warned = False
@@ -529,8 +589,10 @@ class NAGPatch:
         options = getattr(guider, "model_options", None)
         if not isinstance(options, dict):
             return executor(*args, **kwargs)
-        negative = self.negative if self.negative is not None else cfg_negative(guider)
-        run = RunLedger(negative=negative)
+        if self.negative is not None:
+            run = RunLedger(negative=self.negative, extras=self.extras)
+        else:
+            run = RunLedger(negative=cfg_negative(guider), extras=cfg_negative_extras(guider, self.family.extras))
         to = options.setdefault("transformer_options", {})
         previous = to.get(RUN_KEY)
         to[RUN_KEY] = run
@@ -584,6 +646,7 @@ class NAGPatch:
         rows = [i * chunk + j for i, c in enumerate(cou) if c == 0 for j in range(chunk)]
         run = to.get(RUN_KEY)
         negative = self.negative if self.negative is not None else (run.negative if run is not None else None)
+        extras = self.extras if self.negative is not None else (run.extras if run is not None else {})
         if negative is None:
             raise ValueError("NAG: no NAG negative: connect nag_negative on the NAG node, or sample with a negative "
                              "conditioning that NAG can reuse")
@@ -596,10 +659,11 @@ class NAGPatch:
                 raise ValueError(f"NAG: the NAG negative has width {negative.shape[-1]} but the model's text "
                                  f"conditioning has {c_crossattn.shape[-1]}: encode the NAG negative with the text "
                                  "encoder used for the prompt")
-        state = CallState(self, dm, rows, x.shape[0], negative, context_len, run)
+        state = CallState(self, dm, rows, x.shape[0], negative, context_len, run, extras)
         state.cache["chunks"] = len(cou)
         state.cache["x_shape"] = tuple(x.shape)
         self.family.prepare_call(state, base, t)
+        c_crossattn, kwargs = self.family.extend_call(state, x, c_crossattn, kwargs)
         options = dict(to)
         options[STATE_KEY] = state
         if self.family.call_override:
@@ -634,6 +698,17 @@ def _first(value: Any) -> float | None:
     return None
 
 
+def cfg_negative_extras(guider: Any, names: tuple[str, ...]) -> dict:
+    """The guider's CFG negative's other conditioning tensors ``names`` (first entry), to reuse with it."""
+    if not names:
+        return {}
+    conds = getattr(guider, "original_conds", None) or {}
+    entries = [c for c in conds.get("negative") or [] if isinstance(c, dict) and c.get("cross_attn") is not None]
+    if not entries:
+        return {}
+    return {n: entries[0][n] for n in names if isinstance(entries[0].get(n), torch.Tensor)}
+
+
 def cfg_negative(guider: Any) -> torch.Tensor | None:
     """The guider's CFG negative text embedding (first entry), to reuse as the NAG negative."""
     conds = getattr(guider, "original_conds", None) or {}
@@ -655,6 +730,8 @@ class Family:
     preset = "flux"
     #: install the attention override per model call (UNet) rather than per block
     call_override = False
+    #: other conditioning tensors of the NAG negative this family needs (names in ComfyUI's conditioning dict)
+    extras: tuple[str, ...] = ()
 
     def matches(self, dm: Any) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -667,6 +744,11 @@ class Family:
 
     def prepare_call(self, state: CallState, base: Any, t: torch.Tensor) -> None:
         """Per guided call, before the model runs (``base``: ComfyUI's ``BaseModel``, ``t``: its sigmas)."""
+
+    def extend_call(self, state: CallState, x: torch.Tensor, c_crossattn: Any, kwargs: dict) -> tuple[Any, dict]:
+        """Per guided call: the model inputs, possibly extended with the negative (families without block replaces
+        carry the negative in the model's own text inputs)."""
+        return c_crossattn, kwargs
 
 
 def _has(obj: Any, *names: str) -> bool:
@@ -735,14 +817,66 @@ def _extend_pe(pe: torch.Tensor | None, lp: int, ln: int) -> torch.Tensor | None
     return torch.cat([pe[:, :, :lp], neg, pe[:, :, lp:]], dim=2)
 
 
+#: FLUX.2's text length: ComfyUI's FLUX.2 model (``model_base.Flux2.extra_conds``) left-pads a shorter text
+#: conditioning with zero tokens to this length before the model sees it; the NAG negative is padded the same way.
+FLUX2_TEXT_LEN = 512
+
+
+def flux_text_ids_dims(dm: Any) -> list[int]:
+    """The RoPE axes on which a FLUX-class model numbers its text tokens ``0, 1, …`` (``params.txt_ids_dims``:
+    FLUX.2 ``[3]``; FLUX.1/Chroma: none, every text token at position 0)."""
+    return [int(i) for i in (getattr(getattr(dm, "params", None), "txt_ids_dims", None) or [])]
+
+
+def is_flux2(dm: Any) -> bool:
+    """FLUX.2 (dev, Klein): a FLUX-class model with global modulation (one modulation for all blocks)."""
+    return bool(getattr(getattr(dm, "params", None), "global_modulation", False))
+
+
+def flux_negative_text(dm: Any, raw: torch.Tensor, lp: int) -> torch.Tensor:
+    """The negative's raw text conditioning as the model's own conditioning code would hand it over for a prompt:
+    FLUX.2 left-pads it with zeros to :data:`FLUX2_TEXT_LEN` tokens (only when the prompt's call shows that padding,
+    i.e. the prompt has at least that many tokens)."""
+    if is_flux2(dm) and raw.shape[1] < FLUX2_TEXT_LEN <= lp:
+        raw = torch.nn.functional.pad(raw, (0, 0, FLUX2_TEXT_LEN - raw.shape[1], 0))
+    return raw
+
+
+def flux_negative_pe(dm: Any, pe: torch.Tensor | None, lp: int, ln: int) -> torch.Tensor | None:
+    """RoPE table over ``[Tp | Tn | I]``: the negative's ``ln`` text rows are the rows it would have as the prompt
+    (positions ``0 … ln-1`` on the model's text axes, 0 elsewhere: FLUX.1/Chroma all 0, FLUX.2 numbered), computed
+    with the model's own ``pe_embedder`` and checked against the prompt's rows where they overlap."""
+    if pe is None:
+        return None
+    dims = flux_text_ids_dims(dm)
+    if not dims:
+        return _extend_pe(pe, lp, ln)
+    axes = len(dm.params.axes_dim)
+    ids = torch.zeros(pe.shape[0], ln, axes, device=pe.device, dtype=torch.float32)
+    for i in dims:
+        ids[:, :, i] = torch.arange(ln, device=pe.device, dtype=torch.float32)
+    rows = dm.pe_embedder(ids).to(pe.dtype)
+    n = min(lp, ln)
+    if rows.shape[:2] != pe.shape[:2] or rows.shape[3:] != pe.shape[3:] or not torch.allclose(
+            rows[:, :, :n], pe[:, :, :n], rtol=1e-4, atol=1e-5):
+        raise NAGNotApplied(f"NAG: the FLUX text positions of this ComfyUI version ({comfy_version()}) differ from "
+                            f"the ones NAG computes for the negative; model {class_path(dm)}. Please report it.")
+    return torch.cat([pe[:, :, :lp], rows, pe[:, :, lp:]], dim=2)
+
+
 class FluxDouble(BlockReplace):
     def guided(self, state: CallState, args: dict, extra: dict) -> dict:
         txt, img = args["txt"], args["img"]
         flux = state.cache.get("flux")
         if flux is None:  # first guided double block of this call: embed the negative's text once
-            neg = state.batched(state.dm.txt_in(state.raw(txt.device, txt.dtype)))
-            lp, ln = txt.shape[1], neg.shape[1]
-            flux = {"lp": lp, "ln": ln, "pe": _extend_pe(args.get("pe"), lp, ln)}
+            dm = state.dm
+            lp = txt.shape[1]
+            raw = flux_negative_text(dm, state.raw(txt.device, txt.dtype), lp)
+            if getattr(dm, "txt_norm", None) is not None:  # FLUX.2 variants that normalise the text first
+                raw = dm.txt_norm(raw)
+            neg = state.batched(dm.txt_in(raw))
+            ln = neg.shape[1]
+            flux = {"lp": lp, "ln": ln, "pe": flux_negative_pe(dm, args.get("pe"), lp, ln)}
             state.cache["flux"] = flux
             txt = torch.cat([txt, neg.to(txt.dtype)], dim=1)
         lp, ln = flux["lp"], flux["ln"]
@@ -770,7 +904,7 @@ class FluxSingle(BlockReplace):
 
 class FluxFamily(Family):
     name = "flux"
-    label = "FLUX.1 / Chroma (MM-DiT, dit block replace)"
+    label = "FLUX.1 / FLUX.2 (incl. Klein) / Chroma (MM-DiT, dit block replace)"
     preset = "flux"
 
     def matches(self, dm: Any) -> bool:
@@ -782,7 +916,9 @@ class FluxFamily(Family):
         return isinstance(dm.txt_in, torch.nn.Linear) or type(dm.txt_in).__name__ == "Linear"
 
     def preset_for(self, dm: Any) -> str:
-        return "chroma" if hasattr(dm, "distilled_guidance_layer") else "flux"
+        if hasattr(dm, "distilled_guidance_layer"):
+            return "chroma"
+        return "flux2" if is_flux2(dm) else "flux"
 
     def install(self, patcher: Any, dm: Any) -> None:
         install_block_replaces(patcher, "double_block", len(dm.double_blocks),
@@ -996,6 +1132,79 @@ class HunyuanFamily(Family):
                                lambda i, prev: HunyuanSingle("single_block", i, prev))
 
 
+HIDREAM_LLAMA = "encoder_hidden_states_llama3"  # the model's keyword argument
+HIDREAM_LLAMA_COND = "conditioning_llama3"  # its name in the conditioning dict
+
+
+def hidream_layout(li: int, a: int, b: int, c: int, d: int) -> torch.Tensor:
+    """Permutation of HiDream's packed attention sequence to ``[I | Tp | Tn]``.
+
+    With the T5 context extended to ``[T5p (a) | T5n (b)]`` and every Llama layer to ``[Lp (c) | Ln (d)]``, every
+    joint attention of the model (dual-stream: image + block text; single-stream: one sequence) runs over
+    ``[I (li) | T5p | T5n | Llast,p | Llast,n | Lk,p | Lk,n]`` (the carried "initial" text ``[T5, Llama_last]``, then
+    block ``k``'s fresh Llama projection)."""
+    t = li
+    spans = {"p": [], "n": []}
+    for length, who in ((a, "p"), (b, "n"), (c, "p"), (d, "n"), (c, "p"), (d, "n")):
+        spans[who].append(torch.arange(t, t + length))
+        t += length
+    return torch.cat([torch.arange(li), *spans["p"], *spans["n"]])
+
+
+class HiDreamFamily(Family):
+    """HiDream-I1: ComfyUI's HiDream model has no block-replace patch point, so the negative rides in the model's own
+    text inputs: for a guided call the ``APPLY_MODEL`` wrapper appends the negative's T5 tokens to the T5 context and
+    its Llama-3 tokens to every Llama layer (text positions are all zero and the text has no mask, so where a token sits
+    in the text does not matter), and the attention override splits every joint attention of the call (prompt text and
+    image over ``[I | Tp]`` exactly as before, the negative's text over ``[I | Tn]``, the prompt rows' image queries
+    ``NAG(Z+, Z-)``). Every other layer is per token (projections, norms, the mixture-of-experts feed-forward routes
+    each token alone), the model cuts the carried text and the output back by lengths it reads from the inputs. The
+    negative's text uses the prompt's pooled vector (one image stream)."""
+
+    name = "hidream"
+    label = "HiDream-I1 (dual/single-stream MM-DiT, text inputs extended + attention override)"
+    preset = "hidream"
+    call_override = True
+    extras = (HIDREAM_LLAMA_COND,)
+
+    def matches(self, dm: Any) -> bool:
+        return _has(dm, "double_stream_blocks", "single_stream_blocks", "caption_projection", "llama_layers",
+                    "x_embedder", "patch_size")
+
+    def install(self, patcher: Any, dm: Any) -> None:
+        """Nothing to register on the patcher: the ``APPLY_MODEL`` wrapper extends the inputs of guided calls."""
+
+    def extend_call(self, state: CallState, x: torch.Tensor, c_crossattn: Any, kwargs: dict) -> tuple[Any, dict]:
+        llama = kwargs.get(HIDREAM_LLAMA)
+        if not isinstance(c_crossattn, torch.Tensor) or not isinstance(llama, torch.Tensor) or llama.ndim != 4:
+            state.patch.report("a HiDream call had no T5 context or no Llama-3 states")
+            return c_crossattn, kwargs
+        neg_t5 = state.batched(state.raw(c_crossattn.device, c_crossattn.dtype))
+        neg_llama = state.raw_extra(HIDREAM_LLAMA_COND, llama.device, llama.dtype)
+        if neg_llama is None:
+            raise ValueError("NAG: the NAG negative has no conditioning_llama3 (HiDream's Llama-3 states): encode it "
+                             "with the HiDream text encoder used for the prompt")
+        if neg_llama.ndim != 4 or neg_llama.shape[1] != llama.shape[1] or neg_llama.shape[-1] != llama.shape[-1]:
+            raise ValueError(f"NAG: the NAG negative's Llama-3 states {tuple(neg_llama.shape)} do not match the "
+                             f"prompt's {tuple(llama.shape)}: encode it with the text encoder used for the prompt")
+        neg_llama = state.batched(neg_llama)
+        p = int(state.dm.patch_size)
+        h, w = x.shape[-2], x.shape[-1]
+        image_cond = kwargs.get("image_cond")
+        if isinstance(image_cond, torch.Tensor):  # concatenated along the width by the model
+            w += image_cond.shape[-1]
+        li = math.ceil(h / p) * math.ceil(w / p)
+        a, b, c, d = c_crossattn.shape[1], neg_t5.shape[1], llama.shape[2], neg_llama.shape[2]
+        blocks = len(state.dm.double_stream_blocks) + len(state.dm.single_stream_blocks)
+        total = li + a + b + 2 * c + 2 * d
+        state.check_consumed()
+        state.expect = JointExpect(a + 2 * c, b + 2 * d, total, False, "HiDream's blocks",
+                                   order=hidream_layout(li, a, b, c, d), remaining=blocks, whole_call=True)
+        kwargs = dict(kwargs)
+        kwargs[HIDREAM_LLAMA] = torch.cat([llama, neg_llama.to(llama.dtype)], dim=2)
+        return torch.cat([c_crossattn, neg_t5.to(c_crossattn.dtype)], dim=1), kwargs
+
+
 class UNetContext:
     """``attn2_patch``: the cross-attention context ``[pos | neg]`` for guided calls (holds no tensors)."""
 
@@ -1040,12 +1249,14 @@ class UNetFamily(Family):
         patcher.set_model_patch(UNetContext(), "attn2_patch")
 
 
-FAMILIES: list[Family] = [FluxFamily(), SD3Family(), WanFamily(), UNetFamily(), QwenFamily(), HunyuanFamily()]
+FAMILIES: list[Family] = [FluxFamily(), SD3Family(), WanFamily(), UNetFamily(), QwenFamily(), HunyuanFamily(),
+                          HiDreamFamily()]
 #: Architectures recognised but refused, with why (checked before the error listing the supported families).
 _REFUSED: list[tuple[Callable[[Any], bool], str]] = [
     (lambda dm: _has(dm, "layers", "cap_embedder"),
-     "Lumina2 / Z-Image have no block-replace patch point in ComfyUI (single-stream caption+image sequence); not "
-     "supported"),
+     "Lumina2 / Z-Image (ComfyUI's NextDiT) are not supported: no block-replace patch point in ComfyUI, and the "
+     "image tokens' RoPE positions start after the caption's length in one caption+image sequence, so a NAG negative "
+     "of another length would need image positions other than the prompt's"),
 ]
 
 
@@ -1077,25 +1288,33 @@ def _safe(test: Callable[[Any], bool], dm: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- entry point
-def patch_model(model: Any, negative: torch.Tensor | None, settings: NAGSettings) -> Any:
+def patch_model(model: Any, negative: torch.Tensor | None, settings: NAGSettings,
+                extras: dict | None = None) -> Any:
     """A clone of ``model`` (a ComfyUI ``ModelPatcher``) with NAG installed; ``model`` is unchanged.
 
     Args:
         model: the model patcher.
         negative: the NAG negative's text embedding ``(n, L, C)``, or None to reuse the sampler's CFG negative.
         settings: the NAG settings.
+        extras: the negative's other conditioning tensors the family needs (HiDream: ``conditioning_llama3``),
+            by their name in ComfyUI's conditioning dict.
 
     Raises:
         NAGUnsupportedModel: the diffusion model is not a supported family (the message lists them).
     """
     dm = unwrap(model.get_model_object("diffusion_model"))
     family = detect_family(dm)
+    extras = dict(extras or {})
     if negative is not None:
         if not isinstance(negative, torch.Tensor) or negative.ndim != 3:
             raise ValueError("NAG: the NAG negative must be a text embedding (batch, tokens, channels)")
+        missing = [n for n in family.extras if not isinstance(extras.get(n), torch.Tensor)]
+        if missing:
+            raise ValueError(f"NAG: the NAG negative has no {', '.join(missing)}, which {family.label} needs: encode "
+                             "it with the text encoder used for the prompt")
     m = model.clone()
     family.install(m, dm)
-    patch = NAGPatch(settings, negative, family, class_path(dm))
+    patch = NAGPatch(settings, negative, family, class_path(dm), {n: extras[n] for n in family.extras if n in extras})
     for kind, wrapper in ((OUTER_SAMPLE, patch.outer_sample_wrapper), (PREDICT_NOISE, patch.predict_noise_wrapper),
                           (APPLY_MODEL, patch.apply_model_wrapper)):
         m.remove_wrappers_with_key(kind, WRAPPER_KEY)
@@ -1119,6 +1338,17 @@ def conditioning_tensor(conditioning: Any) -> torch.Tensor | None:
     return tensor
 
 
+def conditioning_extras(conditioning: Any) -> dict:
+    """The tensors in the first entry's dict of a ``CONDITIONING`` (e.g. HiDream's ``conditioning_llama3``)."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        return {}
+    first = conditioning[0]
+    extra = first[1] if isinstance(first, (list, tuple)) and len(first) > 1 else None
+    if not isinstance(extra, dict):
+        return {}
+    return {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
+
+
 # ------------------------------------------------------------------------------------------- node-level logic
 #: Per-family defaults shown on the node widgets: label -> (nagkit preset, scale, tau, alpha); the CI tests check
 #: the numbers against nagkit's presets.
@@ -1131,11 +1361,13 @@ FAMILY_DEFAULTS = {
     "Wan + CausVid (4 steps)": ("wan-causvid", 11.0, 3.5, 0.5),
     "Qwen-Image": ("qwen-image", 5.0, 2.5, 0.25),
     "HunyuanVideo (FLUX values by analogy)": ("flux", 5.0, 2.5, 0.25),
+    "FLUX.2 / Klein (FLUX.1 values by analogy)": ("flux2", 5.0, 2.5, 0.25),
+    "HiDream-I1 (FLUX values by analogy)": ("hidream", 5.0, 2.5, 0.25),
 }
 #: The ``preset`` choices of the nodes: ``custom`` (the widgets), ``auto`` (the detected family's nagkit preset), or
 #: a named nagkit preset (:func:`nagkit.get_preset`).
 PRESET_CHOICES = ("custom", "auto", "flux", "flux-kontext", "chroma", "sd3", "sdxl", "sd15", "wan", "wan-causvid",
-                  "qwen-image")
+                  "qwen-image", "flux2", "hidream")
 
 
 def preset_values(name: str) -> tuple[float, float, float]:
@@ -1182,4 +1414,4 @@ def nag_model(model: Any, nag_negative: Any, nag_scale: float, nag_tau: float, n
     sigma_start, sigma_end = percent_window(model, start_percent, end_percent)
     settings = NAGSettings(scale=nag_scale, tau=nag_tau, alpha=nag_alpha, sigma_start=sigma_start,
                            sigma_end=sigma_end, on_silent=on_silent, attention=attention)
-    return patch_model(model, conditioning_tensor(nag_negative), settings)
+    return patch_model(model, conditioning_tensor(nag_negative), settings, conditioning_extras(nag_negative))

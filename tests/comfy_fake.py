@@ -23,6 +23,7 @@ import copy
 import importlib.util
 import math
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,15 @@ class BaseModel(nn.Module):
 
     def _apply_model(self, x: torch.Tensor, t: torch.Tensor, c_concat: Any, c_crossattn: Any, control: Any,
                      transformer_options: dict, **kwargs: Any) -> torch.Tensor:
-        v = self.diffusion_model(x, t, c_crossattn, transformer_options=transformer_options)
+        v = self.diffusion_model(x, t, c_crossattn, transformer_options=transformer_options, **kwargs)
         return x - t.view(-1, *([1] * (x.ndim - 1))) * v
+
+    def process_text(self, context: torch.Tensor) -> torch.Tensor:
+        """What the model's conditioning code does to a text conditioning before ``apply_model`` (FLUX.2 pads it)."""
+        pad = getattr(self.diffusion_model, "pad_text_to", None)
+        if pad and context.shape[1] < pad:  # as ComfyUI's Flux2.extra_conds: zero tokens in front
+            context = F.pad(context, (0, 0, pad - context.shape[1], 0))
+        return context
 
 
 class Patcher:
@@ -168,10 +176,12 @@ class Patcher:
 class Guider:
     """CFG guider + Euler sampler over a flow schedule; records every ``apply_model`` call's ``cond_or_uncond``."""
 
-    def __init__(self, patcher: Patcher, positive: torch.Tensor, negative: torch.Tensor | None, cfg: float) -> None:
+    def __init__(self, patcher: Patcher, positive: Any, negative: Any, cfg: float) -> None:
+        """``positive``/``negative``: a text tensor, or ``(tensor, {name: tensor})`` with other conditioning tensors
+        (HiDream's ``conditioning_llama3``), mapped to model arguments by the model's ``cond_map``."""
         self.model_patcher = patcher
-        self.original_conds = {"positive": [{"cross_attn": positive}],
-                               "negative": [] if negative is None else [{"cross_attn": negative}]}
+        self.original_conds = {"positive": [_entry(positive)], "negative": [] if negative is None else [
+            _entry(negative)]}
         self.cfg = cfg
         self.calls: list[list[int]] = []
 
@@ -194,27 +204,40 @@ class Guider:
 
     def predict_noise(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, seed: Any) -> torch.Tensor:
         model = self.model_patcher.model
-        pos = self.original_conds["positive"][0]["cross_attn"]
+        pos = self.original_conds["positive"][0]
         negs = self.original_conds["negative"]
+        cond_map = getattr(model.diffusion_model, "cond_map", {})
 
-        def call(cou: list[int], contexts: list[torch.Tensor]) -> list[torch.Tensor]:
+        def call(cou: list[int], entries: list[dict]) -> list[torch.Tensor]:
             to = copy_nested(model_options["transformer_options"])
             to["cond_or_uncond"] = list(cou)
             to["sigmas"] = torch.cat([sigma] * len(cou))
             self.calls.append(list(cou))
             xs = torch.cat([x] * len(cou))
-            ctx = torch.cat([c.expand(x.shape[0], -1, -1) for c in contexts])
-            return list(model.apply_model(xs, to["sigmas"], c_crossattn=ctx, transformer_options=to)
+            ctx = torch.cat([model.process_text(e["cross_attn"]).expand(x.shape[0], -1, -1) for e in entries])
+            kw = {arg: torch.cat([e[name].expand(x.shape[0], *e[name].shape[1:]) for e in entries])
+                  for name, arg in cond_map.items() if name in entries[0]}
+            return list(model.apply_model(xs, to["sigmas"], c_crossattn=ctx, transformer_options=to, **kw)
                         .chunk(len(cou)))
 
         if math.isclose(self.cfg, 1.0) or not negs:
             return call([0], [pos])[0]
-        neg = negs[0]["cross_attn"]
-        if neg.shape == pos.shape:  # batched together, uncond first (as ComfyUI orders them)
+        neg = negs[0]
+
+        def shapes(e: dict) -> list:
+            return [model.process_text(e["cross_attn"]).shape, *(e[k].shape for k in sorted(e) if k != "cross_attn")]
+
+        if shapes(neg) == shapes(pos):  # batched together, uncond first (as ComfyUI orders them)
             uncond, cond = call([1, 0], [neg, pos])
         else:
             uncond, cond = call([1], [neg])[0], call([0], [pos])[0]
         return uncond + self.cfg * (cond - uncond)
+
+
+def _entry(c: Any) -> dict:
+    if isinstance(c, tuple):
+        return {"cross_attn": c[0], **c[1]}
+    return {"cross_attn": c}
 
 
 def flow_sigmas(steps: int) -> torch.Tensor:
@@ -681,8 +704,181 @@ class FakeHunyuan(FakeFlux):
         return self.final(img[:, :n])
 
 
+class Flux2Double(FluxDouble):
+    """FLUX.2-like double block: ``vec`` is the global ``(image, text)`` modulation pair."""
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: tuple, pe: torch.Tensor, attn_mask: Any = None,
+                transformer_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        def qkv(lin: nn.Linear, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+            return lin(x * (1 + mod[:, None])).view(x.shape[0], x.shape[1], 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+
+        iq, ik, iv = qkv(self.img_qkv, img, vec[0])
+        tq, tk, tv = qkv(self.txt_qkv, txt, vec[1])
+        q, k, v = torch.cat((tq, iq), 2) + pe, torch.cat((tk, ik), 2) + pe, torch.cat((tv, iv), 2)
+        a = attention(q, k, v, self.heads, skip_reshape=True, mask=attn_mask, transformer_options=transformer_options)
+        return img + self.img_out(a[:, txt.shape[1]:]), txt + self.txt_out(a[:, : txt.shape[1]])
+
+
+class Flux2Rope(nn.Module):
+    """``(B, L, 4)`` positions -> ``(B, 1, L, D)`` additive table (every axis matters; 0 on every axis -> 0)."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        freq = torch.arange(self.head_dim, dtype=torch.float32, device=ids.device)
+        pos = ids[..., 0] + 0.5 * ids[..., 1] + 0.25 * ids[..., 2] + 0.125 * ids[..., 3]
+        return (0.1 * torch.sin(pos[..., None] * (freq + 1) * 0.3))[:, None]
+
+
+class FakeFlux2(FakeFlux):
+    """FLUX.2 / Klein-like: global modulation (``params.global_modulation``; the double blocks get an ``(image, text)``
+    modulation pair, the single blocks one), text positions ``0 … L-1`` on RoPE axis 3 (``params.txt_ids_dims``)
+    through ``pe_embedder``, and (``pad_text_to``) a text conditioning left-padded with zero tokens by the model's
+    conditioning code, as ComfyUI's Flux2 pads to 512."""
+
+    def __init__(self, seed: int = 0, dim: int = 16, heads: int = 2, ctx: int = 12, tokens: int = 16,
+                 channels: int = 4, pad_text_to: int | None = None) -> None:
+        super().__init__(seed, dim, heads, ctx, tokens, channels)
+        self.double_blocks = nn.ModuleList([Flux2Double(dim, heads) for _ in range(2)])
+        self.double_stream_modulation_img, self.double_stream_modulation_txt = nn.Linear(dim, dim), nn.Linear(dim,
+                                                                                                              dim)
+        self.single_stream_modulation = nn.Linear(dim, dim)
+        self.pe_embedder = Flux2Rope(self.head_dim)
+        self.params = types.SimpleNamespace(txt_ids_dims=[3], global_modulation=True, axes_dim=[2, 2, 2, 2])
+        self.pad_text_to = pad_text_to
+        _init(self, seed + 200)
+
+    def pe(self, n_txt: int, n_img: int) -> torch.Tensor:
+        ids = torch.zeros(1, n_txt + n_img, 4)
+        ids[0, :n_txt, 3] = torch.arange(n_txt, dtype=torch.float32)
+        ids[0, n_txt:, 1] = torch.arange(1, n_img + 1, dtype=torch.float32)
+        return self.pe_embedder(ids)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                transformer_options: dict | None = None) -> torch.Tensor:
+        to = transformer_options or {}
+        img, txt, vec = self.img_in(x), self.txt_in(context), self.time_in(t.view(-1, 1).to(x.dtype))
+        pe = self.pe(txt.shape[1], img.shape[1])
+        double = (torch.tanh(self.double_stream_modulation_img(vec)),
+                  torch.tanh(self.double_stream_modulation_txt(vec)))
+        for i, block in enumerate(self.double_blocks):
+            def original(args: dict, block: nn.Module = block) -> dict:
+                out = block(args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"),
+                            args.get("transformer_options"))
+                return {"img": out[0], "txt": out[1]}
+            replace = _replace(to, ("double_block", i), self.honour_replaces) or (lambda a, e: e["original_block"](a))
+            out = replace({"img": img, "txt": txt, "vec": double, "pe": pe, "attn_mask": None,
+                           "transformer_options": to}, {"original_block": original})
+            img, txt = out["img"], out["txt"]
+        img = torch.cat((txt, img), 1)
+        single = self.single_stream_modulation(vec)
+        for i, block in enumerate(self.single_blocks):
+            def original(args: dict, block: nn.Module = block) -> dict:
+                return {"img": block(args["img"], args["vec"], args["pe"], args.get("attn_mask"),
+                                     args.get("transformer_options"))}
+            replace = _replace(to, ("single_block", i), self.honour_replaces) or (lambda a, e: e["original_block"](a))
+            img = replace({"img": img, "vec": single, "pe": pe, "attn_mask": None, "transformer_options": to},
+                          {"original_block": original})["img"]
+        return self.final(img[:, txt.shape[1]:])
+
+
+class HiDreamDouble(nn.Module):
+    """HiDream-like dual-stream block: joint attention over ``[img; txt]`` in ``(B, L, H·D)``, text with its own
+    projections."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.img_qkv, self.txt_qkv = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
+        self.img_out, self.txt_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.img_mlp, self.txt_mlp = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, pe: torch.Tensor,
+                to: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        iq, ik, iv = self.img_qkv(img + temb[:, None]).chunk(3, -1)
+        tq, tk, tv = self.txt_qkv(txt + temb[:, None]).chunk(3, -1)
+        a = attention(torch.cat((iq, tq), 1) + pe, torch.cat((ik, tk), 1) + pe, torch.cat((iv, tv), 1), self.heads,
+                      transformer_options=to)
+        n = img.shape[1]
+        img, txt = img + self.img_out(a[:, :n]), txt + self.txt_out(a[:, n:])
+        return img + torch.tanh(self.img_mlp(img)), txt + torch.tanh(self.txt_mlp(txt))
+
+
+class HiDreamSingle(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out, self.mlp = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, pe: torch.Tensor, to: dict) -> torch.Tensor:
+        q, k, v = self.qkv(h + temb[:, None]).chunk(3, -1)
+        h = h + self.out(attention(q + pe, k + pe, v, self.heads, transformer_options=to))
+        return h + torch.tanh(self.mlp(h))
+
+
+class FakeHiDream(nn.Module):
+    """HiDream-I1-like: no block-replace patch point; a T5 context and stacked Llama-3 layers
+    (``encoder_hidden_states_llama3``, ``(B, layers, L, C)``); the carried text ``[T5, Llama_last]`` plus a fresh
+    projection of Llama layer ``llama_layers[k]`` in block ``k`` (dual-stream blocks, then single-stream blocks on
+    ``[img; text]``), cut back after every block; text positions all zero; latents ``(C, H, W)`` patchified 2x2."""
+
+    patch_size = 2
+    cond_map = {"conditioning_llama3": "encoder_hidden_states_llama3"}
+
+    def __init__(self, seed: int = 0, dim: int = 16, heads: int = 2, ctx: int = 12, tokens: int = 16,
+                 channels: int = 4, llama: int = 10) -> None:
+        super().__init__()
+        side = 2 * int(math.isqrt(tokens))
+        self.latent_shape = (channels, side, side)
+        self.x_embedder, self.final = nn.Linear(4 * channels, dim), nn.Linear(dim, 4 * channels)
+        self.t_embedder = nn.Linear(1, dim)
+        self.double_stream_blocks = nn.ModuleList([HiDreamDouble(dim, heads) for _ in range(2)])
+        self.single_stream_blocks = nn.ModuleList([HiDreamSingle(dim, heads) for _ in range(2)])
+        self.llama_layers = [0, 1, 1, 1]
+        self.caption_projection = nn.ModuleList([nn.Linear(llama, dim) for _ in range(4)] + [nn.Linear(ctx, dim)])
+        self.dim = dim
+        _init(self, seed)
+
+    def image_pe(self, n: int) -> torch.Tensor:
+        pos = torch.arange(1, n + 1, dtype=torch.float32)
+        return 0.1 * torch.sin(pos[:, None] * (torch.arange(self.dim) + 1) * 0.3)[None]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, transformer_options: dict | None = None,
+                encoder_hidden_states_llama3: torch.Tensor | None = None) -> torch.Tensor:
+        to = transformer_options or {}
+        b, c, h, w = x.shape
+        img = self.x_embedder(x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, 4 * c))
+        temb = self.t_embedder(t.view(-1, 1).to(x.dtype))
+        llama = encoder_hidden_states_llama3.movedim(1, 0)
+        enc = [self.caption_projection[i](llama[k]) for i, k in enumerate(self.llama_layers)]
+        enc.append(self.caption_projection[-1](context))
+        n = img.shape[1]
+
+        def pe(total: int) -> torch.Tensor:  # image rows, then zeros for every text token
+            return torch.cat([self.image_pe(n), torch.zeros(1, total - n, self.dim)], 1)
+
+        initial = torch.cat([enc[-1], enc[-2]], 1)
+        keep = initial.shape[1]
+        block_id = 0
+        for block in self.double_stream_blocks:
+            txt = torch.cat([initial, enc[block_id]], 1)
+            img, txt = block(img, txt, temb, pe(n + txt.shape[1]), to)
+            initial = txt[:, :keep]
+            block_id += 1
+        hs = torch.cat([img, initial], 1)
+        length = hs.shape[1]
+        for block in self.single_stream_blocks:
+            hs = torch.cat([hs, enc[block_id]], 1)
+            hs = block(hs, temb, pe(hs.shape[1]), to)[:, :length]
+            block_id += 1
+        out = self.final(hs[:, :n]).view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(b, c, h, w)
+
+
 MODELS = {"flux": FakeFlux, "sd3": FakeSD3, "unet": FakeUNet, "wan": FakeWan, "qwen": FakeQwen,
-          "hunyuan": FakeHunyuan}
+          "hunyuan": FakeHunyuan, "flux2": FakeFlux2, "hidream": FakeHiDream}
 
 
 def patcher(kind: str, seed: int = 0, **sizes: int) -> Patcher:
@@ -691,3 +887,17 @@ def patcher(kind: str, seed: int = 0, **sizes: int) -> Patcher:
 
 def text(seed: int, length: int = 5, width: int = 12) -> torch.Tensor:
     return torch.randn(1, length, width, generator=torch.Generator().manual_seed(seed))
+
+
+def hidream_text(seed: int, length: int = 5, llama_length: int | None = None, width: int = 12, llama: int = 10,
+                 layers: int = 2) -> tuple[torch.Tensor, dict]:
+    """A HiDream-like conditioning: the T5 tensor and ``{"conditioning_llama3": (1, layers, L, C)}``."""
+    g = torch.Generator().manual_seed(seed)
+    t5 = torch.randn(1, length, width, generator=g)
+    states = torch.randn(1, layers, llama_length or length + 1, llama, generator=g)
+    return t5, {"conditioning_llama3": states}
+
+
+def cond_of(kind: str, seed: int, length: int = 5) -> Any:
+    """The kind's text conditioning (HiDream: with Llama states)."""
+    return hidream_text(seed, length) if kind == "hidream" else text(seed, length)

@@ -113,6 +113,10 @@ WAN_I2V = dict(WAN, model_type="i2v", in_dim=36)
 QWEN = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2,
             attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
 
+HIDREAM = dict(image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=1,
+               num_single_layers=1, attention_head_dim=32, num_attention_heads=2, caption_channels=[64, 64],
+               text_emb_dim=32, num_routed_experts=4, num_activated_experts=2, axes_dims_rope=[16, 8, 8],
+               max_resolution=[32, 32], llama_layers=[0, 1])
 HUNYUAN = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
                hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
                theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False)
@@ -131,6 +135,7 @@ FAMILIES = {
     "qwen": ("QwenImage", QWEN, (16, 1, 8, 8), 7, 32, {}),
     "qwen_edit": ("QwenImage", QWEN, (16, 1, 8, 8), 7, 32, {"reference_latents": (16, 1, 8, 6)}),
     "hunyuan": ("HunyuanVideo", HUNYUAN, (16, 2, 8, 8), 7, 32, {"known_params": True}),
+    "hidream": ("HiDream", HIDREAM, (16, 8, 8), 7, 32, {"llama_layers": 2}),
 }
 
 
@@ -177,6 +182,9 @@ def cond(family: str, seed: int, length: int | None = None) -> list:
     width = config.get("context_dim") or config.get("context_in_dim") or config.get("text_dim") or 64
     g = torch.Generator().manual_seed(seed)
     extra = {"pooled_output": torch.randn(1, pooled, generator=g)}
+    if extras.get("llama_layers"):  # HiDream: Llama-3 states (1, layers, tokens, width), one more token than T5
+        extra["conditioning_llama3"] = torch.randn(1, extras["llama_layers"], (length or text_len) + 1, width,
+                                                   generator=torch.Generator().manual_seed(seed + 1000))
     if extras.get("clip_vision"):
         extra["clip_vision_output"] = ClipVisionOutput(torch.randn(1, 257, 1280,
                                                                    generator=torch.Generator().manual_seed(99)))
@@ -202,7 +210,7 @@ def settings(env: types.SimpleNamespace, scale: float = 5.0, **kw: Any) -> Any:
 
 def patch(env: types.SimpleNamespace, model: Any, conditioning: list | None, scale: float = 5.0, **kw: Any) -> Any:
     negative = None if conditioning is None else conditioning[0][0]
-    return env.glue.patch_model(model, negative, settings(env, scale, **kw))
+    return env.glue.patch_model(model, negative, settings(env, scale, **kw), env.glue.conditioning_extras(conditioning))
 
 
 def spy(env: types.SimpleNamespace, model: Any) -> tuple[Any, list]:
@@ -270,7 +278,7 @@ def test_family(env: types.SimpleNamespace, family: str) -> None:
     assert torch.equal(sample(family, base, pos, neg), ref1)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd15", "wan_t2v", "qwen_edit", "hunyuan"])
+@pytest.mark.parametrize("family", ["flux", "sd15", "wan_t2v", "qwen_edit", "hunyuan", "hidream"])
 def test_latent_batch_two(env: types.SimpleNamespace, family: str) -> None:
     base = build(env, family)
     pos, neg, nag_neg = cond(family, 1), cond(family, 2), cond(family, 3, length=5)
@@ -304,7 +312,7 @@ def test_start_end_window(env: types.SimpleNamespace) -> None:
         assert expected == 4 if (start, end) == (0.0, 1.0) else 0 < expected < 4
 
 
-@pytest.mark.parametrize("family", ["flux", "sd15", "wan_t2v", "sd3", "qwen", "hunyuan"])
+@pytest.mark.parametrize("family", ["flux", "sd15", "wan_t2v", "sd3", "qwen", "hunyuan", "hidream"])
 def test_previous_attention_override_still_called(env: types.SimpleNamespace, family: str) -> None:
     base = build(env, family)
     pos, neg, nag_neg = cond(family, 1), cond(family, 2), cond(family, 3, length=5)
@@ -464,14 +472,16 @@ def test_windows_convert_through_model_sampling(env: types.SimpleNamespace) -> N
 # --------------------------------------------------------------------------------------------------- cost
 COST_FLUX = dict(FLUX, vec_in_dim=64, context_in_dim=256, hidden_size=512, mlp_ratio=4.0, num_heads=8, depth=2,
                  depth_single_blocks=4, axes_dim=[8, 28, 28])
+#: mid HiDream-like: hidden 512 (8 heads x 64), 2 dual + 4 single blocks, 4 routed experts (2 active) + a shared one
+COST_HIDREAM = dict(HIDREAM, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=8,
+                    caption_channels=[256, 256], text_emb_dim=64, axes_dims_rope=[32, 16, 16],
+                    max_resolution=[128, 128], llama_layers=[0, 1, 2, 3, 3, 3])
 
 
-@pytest.mark.bench
-def test_cost_table(env: types.SimpleNamespace) -> None:
-    """Per-step CPU time and FLOPs through ComfyUI: plain cfg 1, CFG, NAG at cfg 1 (both attention paths), NAG + CFG,
-    on a mid FLUX-like model (hidden 512, 8 heads, 2 double + 4 single blocks) at FLUX's text/image token ratio
-    (576 image tokens, 72 prompt and 72 negative tokens; FLUX.1 at 1024²: 4096 / 512 / 512). One thread; CPU time
-    (``time.process_time``), the minimum over interleaved rounds. ``NAGKIT_BENCH=1 COMFY_PYTORCH_ATTENTION=1``."""
+def _cost_table(env: types.SimpleNamespace, cls: str, config: dict, shape: tuple, conditioning: Any,
+                label: str) -> dict:
+    """Per-step CPU time and FLOPs through ComfyUI: plain cfg 1, CFG, NAG at cfg 1 (both attention paths), NAG + CFG.
+    One thread; CPU time (``time.process_time``), the minimum over interleaved rounds (``NAGKIT_COST_ROUNDS``)."""
     import statistics
     import time
 
@@ -482,7 +492,7 @@ def test_cost_table(env: types.SimpleNamespace) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        mc = env.comfy.supported_models.FluxSchnell(dict(COST_FLUX))
+        mc = getattr(env.comfy.supported_models, cls)(dict(config))
         mc.set_inference_dtype(torch.float32, None)
         model = mc.get_model({}, device=CPU)
         g = torch.Generator().manual_seed(0)
@@ -490,12 +500,6 @@ def test_cost_table(env: types.SimpleNamespace) -> None:
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.ndim > 1 else 0.02))
         base = env.comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
-        shape, text = (16, 48, 48), 72
-
-        def conditioning(seed: int) -> list:
-            gen = torch.Generator().manual_seed(seed)
-            return [[torch.randn(1, text, 256, generator=gen), {"pooled_output": torch.randn(1, 64, generator=gen)}]]
-
         pos, neg, nag_neg = conditioning(1), conditioning(2), conditioning(3)
         runs = {
             "plain, cfg 1": (base, 1.0),
@@ -531,10 +535,40 @@ def test_cost_table(env: types.SimpleNamespace) -> None:
     finally:
         torch.set_num_threads(threads)
     base_time, base_flops = min(times["plain, cfg 1"]), flops["plain, cfg 1"]
-    print(f"\nComfyUI {env.version}, attention {attention.optimized_attention.__name__}, 1 thread")
+    print(f"\n{label}: ComfyUI {env.version}, attention {attention.optimized_attention.__name__}, 1 thread")
     print("| configuration | CPU ms/step (min) | median | time | FLOPs |\n|---|---|---|---|---|")
     for name in runs:
         t = times[name]
         print(f"| {name} | {1e3 * min(t):.0f} | {1e3 * statistics.median(t):.0f} | "
               f"{100 * (min(t) / base_time - 1):+.1f} % | {100 * (flops[name] / base_flops - 1):+.1f} % |")
-    assert flops["NAG, cfg 1 (attention auto)"] / base_flops - 1 < 0.15
+    return {name: flops[name] / base_flops - 1 for name in runs}
+
+
+@pytest.mark.bench
+def test_cost_table(env: types.SimpleNamespace) -> None:
+    """A mid FLUX-like model (hidden 512, 8 heads, 2 double + 4 single blocks) at FLUX's text/image token ratio (576
+    image tokens, 72 prompt and 72 negative tokens; FLUX.1 at 1024²: 4096 / 512 / 512).
+    ``NAGKIT_BENCH=1 COMFY_PYTORCH_ATTENTION=1``."""
+
+    def conditioning(seed: int) -> list:
+        gen = torch.Generator().manual_seed(seed)
+        return [[torch.randn(1, 72, 256, generator=gen), {"pooled_output": torch.randn(1, 64, generator=gen)}]]
+
+    overhead = _cost_table(env, "FluxSchnell", COST_FLUX, (16, 48, 48), conditioning, "FLUX-like")
+    assert overhead["NAG, cfg 1 (attention auto)"] < 0.15
+
+
+@pytest.mark.bench
+def test_cost_table_hidream(env: types.SimpleNamespace) -> None:
+    """A mid HiDream-like model (hidden 512, 8 heads, 2 dual + 4 single blocks, mixture-of-experts feed-forward) at
+    HiDream-I1's text/image token ratio (576 image tokens, 18 T5 + 18 Llama-3 tokens for the prompt and for the
+    negative; HiDream-I1 at 1024²: 4096 image tokens, 128 T5 + 128 Llama). ``NAGKIT_BENCH=1``."""
+
+    def conditioning(seed: int) -> list:
+        gen = torch.Generator().manual_seed(seed)
+        return [[torch.randn(1, 18, 256, generator=gen), {
+            "pooled_output": torch.randn(1, 64, generator=gen),
+            "conditioning_llama3": torch.randn(1, 4, 18, 256, generator=gen)}]]
+
+    overhead = _cost_table(env, "HiDream", COST_HIDREAM, (16, 48, 48), conditioning, "HiDream-like")
+    assert overhead["NAG, cfg 1 (attention auto)"] < 0.5

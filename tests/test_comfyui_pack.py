@@ -25,11 +25,17 @@ pack = fake.load_pack()
 from nagkit_comfyui_pack import glue  # noqa: E402 - registered by load_pack
 
 KINDS = ["flux", "sd3", "unet", "wan", "qwen", "hunyuan"]
+#: families added later, covered by one combined contract test each (keeps this file fast)
+NEW_KINDS = ["flux2", "hidream"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def nag(p: fake.Patcher, negative: torch.Tensor | None, scale: float = 5.0, **kw: object) -> fake.Patcher:
-    return glue.patch_model(p, negative, glue.NAGSettings(scale=scale, **kw))
+def nag(p: fake.Patcher, negative: torch.Tensor | tuple | None, scale: float = 5.0, **kw: object) -> fake.Patcher:
+    """``negative``: a text tensor, or ``(tensor, extras)`` (HiDream's Llama states)."""
+    extras = None
+    if isinstance(negative, tuple):
+        negative, extras = negative
+    return glue.patch_model(p, negative, glue.NAGSettings(scale=scale, **kw), extras)
 
 
 def guided_calls(p: fake.Patcher) -> tuple[fake.Patcher, list]:
@@ -49,7 +55,7 @@ def guided_calls(p: fake.Patcher) -> tuple[fake.Patcher, list]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_scale_one_is_bit_identical(kind: str) -> None:
     base = fake.patcher(kind)
-    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    pos, neg, nag_neg = fake.cond_of(kind, 1), fake.cond_of(kind, 2), fake.cond_of(kind, 3, length=7)
     for cfg in (1.0, 3.0):
         ref = fake.sample(base, pos, neg, cfg)
         assert torch.equal(fake.sample(nag(base, nag_neg, scale=1.0), pos, neg, cfg), ref)
@@ -59,10 +65,48 @@ def test_scale_one_is_bit_identical(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_negative_equal_to_prompt_is_close_to_unpatched(kind: str) -> None:
     base = fake.patcher(kind)
-    pos, neg = fake.text(1), fake.text(2)
+    pos, neg = fake.cond_of(kind, 1), fake.cond_of(kind, 2)
     ref = fake.sample(base, pos, neg)
     out = fake.sample(nag(base, pos), pos, neg)
     assert (out - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", NEW_KINDS)
+def test_contract_of_later_families(kind: str) -> None:
+    """The per-family assertions above in one pass: scale 1 bit-identical, negative == prompt ~ unpatched, a different
+    negative changes the output and stays finite at cfg 1 and 3, uncond rows bit-identical in a batched call, a
+    previous attention override chained, the base model untouched and no tensors in ``model_options``."""
+    base = fake.patcher(kind)
+    pos, neg, nag_neg = fake.cond_of(kind, 1), fake.cond_of(kind, 2), fake.cond_of(kind, 3, length=7)
+    options, params = copy.deepcopy(base.model_options), {k: v.clone() for k, v in base.model.state_dict().items()}
+    ref = fake.sample(base, pos, neg, steps=2)
+    assert torch.equal(fake.sample(nag(base, nag_neg, scale=1.0), pos, neg, steps=2), ref)
+    assert (fake.sample(nag(base, pos), pos, neg, steps=2) - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max())
+    patched = nag(base, nag_neg)
+    out = fake.sample(patched, pos, neg, steps=2)
+    assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-3
+    plain, seen_plain = guided_calls(base)
+    ref3 = fake.sample(plain, pos, neg, 3.0, steps=1, batch=2)
+    spied, seen = guided_calls(patched)
+    out3 = fake.sample(spied, pos, neg, 3.0, steps=1, batch=2)
+    assert torch.isfinite(out3).all() and (out3 - ref3).abs().max() > 1e-3
+    (cou, guided, first), (_, _, first_ref) = seen[0], seen_plain[0]
+    assert cou == [1, 0] and guided
+    assert torch.equal(first[:2], first_ref[:2]) and (first[2:] - first_ref[2:]).abs().max() > 1e-4
+    calls = []
+
+    def counting(func, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(1)
+        return func(*args, **kwargs)
+
+    with_override = base.clone()
+    with_override.model_options["transformer_options"][glue.OVERRIDE] = counting
+    chained = fake.sample(nag(with_override, nag_neg), pos, neg, steps=2)
+    assert calls and torch.allclose(chained, fake.sample(nag(base, nag_neg, attention="comfy"), pos, neg, steps=2),
+                                    atol=1e-5)
+    assert torch.allclose(chained, out, atol=1e-4)  # log-sum-exp split == two attentions
+    assert base.model_options == options and _tensors(patched.model_options, []) == []
+    assert all(torch.equal(v, params[k]) for k, v in base.model.state_dict().items())
 
 
 @pytest.mark.parametrize("kind", ["wan", "unet"])
@@ -80,7 +124,7 @@ def test_cross_attention_when_image_tokens_equal_text_tokens(kind: str) -> None:
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_different_negative_changes_output_and_stays_finite(kind: str, cfg: float) -> None:
     base = fake.patcher(kind)
-    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    pos, neg, nag_neg = fake.cond_of(kind, 1), fake.cond_of(kind, 2), fake.cond_of(kind, 3, length=7)
     ref = fake.sample(base, pos, neg, cfg)
     out = fake.sample(nag(base, nag_neg), pos, neg, cfg)
     assert torch.isfinite(out).all()
@@ -91,7 +135,7 @@ def test_different_negative_changes_output_and_stays_finite(kind: str, cfg: floa
 @pytest.mark.parametrize("attention", ["auto", "comfy"])
 def test_uncond_rows_bit_identical_in_a_batched_call(kind: str, attention: str) -> None:
     base = fake.patcher(kind)
-    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    pos, neg, nag_neg = fake.cond_of(kind, 1), fake.cond_of(kind, 2), fake.cond_of(kind, 3, length=7)
     plain, seen_plain = guided_calls(base)
     fake.sample(plain, pos, neg, 3.0, steps=1, batch=2)
     patched, seen = guided_calls(nag(base, nag_neg, attention=attention))
@@ -173,7 +217,7 @@ def test_window_from_percent_uses_model_sampling() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_previous_attention_override_is_chained(kind: str) -> None:
     base = fake.patcher(kind)
-    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    pos, neg, nag_neg = fake.cond_of(kind, 1), fake.cond_of(kind, 2), fake.cond_of(kind, 3, length=7)
     calls = []
 
     def counting(func, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -229,7 +273,7 @@ def _tensors(obj: object, found: list) -> list:
 @pytest.mark.parametrize("kind", KINDS)
 def test_base_model_untouched_and_no_tensors_in_model_options(kind: str) -> None:
     base = fake.patcher(kind)
-    pos, neg, nag_neg = fake.text(1), fake.text(2), fake.text(3, length=7)
+    pos, neg, nag_neg = fake.cond_of(kind, 1), fake.cond_of(kind, 2), fake.cond_of(kind, 3, length=7)
     options, wrappers = copy.deepcopy(base.model_options), copy.copy(base.wrappers)
     params = {k: v.clone() for k, v in base.model.state_dict().items()}
     ref = fake.sample(base, pos, neg)
@@ -301,6 +345,21 @@ def test_unsupported_model_lists_the_supported_families() -> None:
     assert "Linear" in message
     for family in glue.FAMILIES:
         assert family.label in message
+
+
+def test_lumina2_and_z_image_are_refused_by_name() -> None:
+    """Lumina2 / Z-Image (ComfyUI's NextDiT: ``layers`` + ``cap_embedder``) get a clear refusal naming the class, why,
+    and the supported families, at node execution."""
+    class NextDiT(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers, self.cap_embedder = torch.nn.ModuleList([torch.nn.Linear(2, 2)]), torch.nn.Linear(2, 2)
+
+    with pytest.raises(glue.NAGUnsupportedModel) as err:
+        glue.nag_model(fake.Patcher(fake.BaseModel(NextDiT())), None, 5.0, 2.5, 0.25)
+    message = str(err.value)
+    assert "NextDiT" in message and "Lumina2 / Z-Image" in message and "RoPE positions" in message
+    assert all(family.label in message for family in glue.FAMILIES)
 
 
 def test_detection_is_structural() -> None:
@@ -510,3 +569,181 @@ def test_qwen_text_positions_of_another_comfyui_are_refused(monkeypatch: pytest.
     monkeypatch.setattr(glue, "_qwen_text_pe", lambda *args: original(*args) + 0.5)
     with pytest.raises(glue.NAGNotApplied, match="text positions"):
         fake.sample(nag(fake.patcher("qwen"), fake.text(3, length=7)), fake.text(1), None, steps=1)
+
+
+# ------------------------------------------------------------------------------------------------ FLUX.2 / Klein
+def _flux2_reference(dm: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, neg: torch.Tensor,
+                     scale: float, tau: float, alpha: float) -> torch.Tensor:
+    """NAG on the fake FLUX.2 written out: the negative's text (as the model sees a prompt: ``neg`` already padded)
+    as its own stream with its own text positions ``0 … Ln-1``, the global modulation pair, two full attentions per
+    block, the (single) image stream guided."""
+    from nagkit.core.operator import nag_combine
+
+    img, vec = dm.img_in(x), dm.time_in(t.view(-1, 1))
+    tp, tn = dm.txt_in(ctx), dm.txt_in(neg.expand(x.shape[0], -1, -1))
+    n, lp, ln = img.shape[1], tp.shape[1], tn.shape[1]
+    pe_p, pe_n = dm.pe(lp, n), dm.pe(ln, n)
+    mod_img = torch.tanh(dm.double_stream_modulation_img(vec))
+    mod_txt = torch.tanh(dm.double_stream_modulation_txt(vec))
+
+    def heads_first(z: torch.Tensor, heads: int) -> torch.Tensor:
+        return z.view(z.shape[0], z.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q + pe, k + pe, v).transpose(1, 2).flatten(2)
+
+    for block in dm.double_blocks:
+        iq, ik, iv = heads_first(block.img_qkv(img * (1 + mod_img[:, None])), block.heads)
+        zs = []
+        for txt, pe in ((tp, pe_p), (tn, pe_n)):
+            tq, tk, tv = heads_first(block.txt_qkv(txt * (1 + mod_txt[:, None])), block.heads)
+            zs.append(sdpa(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2), pe))
+        zp, zn = zs
+        img = img + block.img_out(nag_combine(zp[:, lp:], zn[:, ln:], scale, tau, alpha, "l1"))
+        tp, tn = tp + block.txt_out(zp[:, :lp]), tn + block.txt_out(zn[:, :ln])
+    single = dm.single_stream_modulation(vec)
+    for block in dm.single_blocks:
+        zs = []
+        for txt, pe in ((tp, pe_p), (tn, pe_n)):
+            q, k, v = heads_first(block.qkv(torch.cat((txt, img), 1) + single[:, None]), block.heads)
+            zs.append(sdpa(q, k, v, pe))
+        zp, zn = zs
+        img = img + block.out(nag_combine(zp[:, lp:], zn[:, ln:], scale, tau, alpha, "l1"))
+        tp, tn = tp + block.out(zp[:, :lp]), tn + block.out(zn[:, :ln])
+    return x - t.view(-1, 1, 1) * dm.final(img)
+
+
+@pytest.mark.parametrize(("pad", "neg_len", "attention"), [(None, 9, "auto"), (None, 3, "comfy"), (512, 7, "auto")])
+def test_flux2_matches_a_written_out_reference(pad: int | None, neg_len: int, attention: str) -> None:
+    """FLUX.2 / Klein: the negative's text positions are those it would have as the prompt (numbered on RoPE axis 3;
+    longer and shorter than the prompt), and with ComfyUI's FLUX.2 text padding (prompt left-padded with zero tokens
+    to 512) the NAG negative is padded the same way."""
+    base = fake.Patcher(fake.BaseModel(fake.FakeFlux2(pad_text_to=pad)))
+    dm = base.model.diffusion_model
+    x = torch.randn(2, *dm.latent_shape, generator=torch.Generator().manual_seed(0))
+    ctx = base.model.process_text(torch.cat([fake.text(1), fake.text(4)]))
+    neg, sigma = fake.text(3, length=neg_len), torch.full((2,), 0.7)
+    p = nag(base, neg, attention=attention)
+    to = fake.copy_nested(p.model_options["transformer_options"])
+    to["wrappers"], to["cond_or_uncond"], to["sigmas"] = p.wrappers, [0], sigma
+    with torch.no_grad():
+        out = base.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to)
+        ref = _flux2_reference(dm, x, sigma, ctx, base.model.process_text(neg), 5.0, 2.5, 0.25)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    family = glue.detect_family(dm)
+    assert family.name == "flux" and family.preset_for(dm) == "flux2"
+
+
+# ------------------------------------------------------------------------------------------------ HiDream
+def _hidream_reference(dm: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: tuple, neg: tuple, scale: float,
+                       tau: float, alpha: float) -> torch.Tensor:
+    """NAG on the fake HiDream written out: the negative's carried text ``[T5n, Llama_last,n]`` and per-block Llama
+    projections as their own stream, two full attentions per block, the (single) image stream guided."""
+    from nagkit.core.operator import nag_combine
+
+    b, c, h, w = x.shape
+    img = dm.x_embedder(x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, 4 * c))
+    temb = dm.t_embedder(t.view(-1, 1))
+    n = img.shape[1]
+
+    def project(t5: torch.Tensor, llama: torch.Tensor) -> tuple[list, torch.Tensor]:
+        states = llama.expand(b, *llama.shape[1:]).movedim(1, 0)
+        enc = [dm.caption_projection[i](states[k]) for i, k in enumerate(dm.llama_layers)]
+        return enc, torch.cat([dm.caption_projection[-1](t5.expand(b, -1, -1)), enc[-1]], 1)
+
+    (enc_p, init_p), (enc_n, init_n) = project(*ctx), project(*neg)
+    streams = {"p": [enc_p, init_p], "n": [enc_n, init_n]}
+
+    def pe(total: int) -> torch.Tensor:
+        return torch.cat([dm.image_pe(n), torch.zeros(1, total - n, dm.dim)], 1)
+
+    def mix(z: torch.Tensor, lin: torch.nn.Module) -> torch.Tensor:
+        return z + torch.tanh(lin(z))
+
+    for k, block in enumerate(dm.double_stream_blocks):
+        iq, ik, iv = block.img_qkv(img + temb[:, None]).chunk(3, -1)
+        z = {}
+        for who, (enc, init) in streams.items():
+            txt = torch.cat([init, enc[k]], 1)
+            tq, tk, tv = block.txt_qkv(txt + temb[:, None]).chunk(3, -1)
+            p = pe(n + txt.shape[1])
+            z[who] = fake.sdpa(torch.cat((iq, tq), 1) + p, torch.cat((ik, tk), 1) + p, torch.cat((iv, tv), 1),
+                               block.heads)
+            streams[who][1] = mix(txt + block.txt_out(z[who][:, n:]), block.txt_mlp)[:, :init.shape[1]]
+        img = mix(img + block.img_out(nag_combine(z["p"][:, :n], z["n"][:, :n], scale, tau, alpha, "l1")),
+                  block.img_mlp)
+    for j, block in enumerate(dm.single_stream_blocks):
+        k = len(dm.double_stream_blocks) + j
+        z = {}
+        for who, (enc, init) in streams.items():
+            hs = torch.cat([img, init, enc[k]], 1)
+            q, kk, v = block.qkv(hs + temb[:, None]).chunk(3, -1)
+            p = pe(hs.shape[1])
+            z[who] = fake.sdpa(q + p, kk + p, v, block.heads)
+            streams[who][1] = mix(hs + block.out(z[who]), block.mlp)[:, n:n + init.shape[1]]
+        img = mix(img + block.out(nag_combine(z["p"][:, :n], z["n"][:, :n], scale, tau, alpha, "l1")), block.mlp)
+    v = dm.final(img).view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+    return x - t.view(-1, 1, 1, 1) * v
+
+
+@pytest.mark.parametrize(("t5_len", "llama_len", "attention"), [(7, 3, "auto"), (3, 9, "comfy")])
+def test_hidream_matches_a_written_out_reference(t5_len: int, llama_len: int, attention: str) -> None:
+    """HiDream-I1 (no block replace in ComfyUI: the negative rides in the model's own T5/Llama inputs, interleaved
+    with the prompt's, and the override splits every joint attention): negatives with T5 and Llama lengths other
+    than the prompt's, batch 2 with per-row prompts."""
+    base = fake.patcher("hidream")
+    dm = base.model.diffusion_model
+    x = torch.randn(2, *dm.latent_shape, generator=torch.Generator().manual_seed(0))
+    (t1, e1), (t4, e4) = fake.hidream_text(1), fake.hidream_text(4)
+    ctx = (torch.cat([t1, t4]), torch.cat([e1["conditioning_llama3"], e4["conditioning_llama3"]]))
+    t5n, extra = fake.hidream_text(3, length=t5_len, llama_length=llama_len)
+    neg, sigma = (t5n, extra["conditioning_llama3"]), torch.full((2,), 0.7)
+    p = nag(base, (t5n, extra), attention=attention)
+    to = fake.copy_nested(p.model_options["transformer_options"])
+    to["wrappers"], to["cond_or_uncond"], to["sigmas"] = p.wrappers, [0], sigma
+    with torch.no_grad():
+        out = base.model.apply_model(x, sigma, c_crossattn=ctx[0], transformer_options=to,
+                                     encoder_hidden_states_llama3=ctx[1])
+        ref = _hidream_reference(dm, x, sigma, ctx, neg, 5.0, 2.5, 0.25)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    assert glue.detect_family(dm).name == "hidream" and glue.detect_family(dm).preset_for(dm) == "hidream"
+
+
+def test_hidream_negative_needs_llama_states_and_reuses_the_cfg_negatives() -> None:
+    base = fake.patcher("hidream")
+    pos, neg = fake.hidream_text(1), fake.hidream_text(3, length=7)
+    with pytest.raises(ValueError, match="conditioning_llama3"):
+        glue.nag_model(base, [[neg[0], {"pooled_output": torch.zeros(1, 4)}]], 5.0, 2.5, 0.25)
+    node = glue.nag_model(base, [[neg[0], {"pooled_output": torch.zeros(1, 4), **neg[1]}]], 5.0, 2.5, 0.25)
+    out = fake.sample(node, pos, neg, steps=1)
+    assert torch.equal(out, fake.sample(nag(base, neg), pos, neg, steps=1))
+    # the CFG negative's Llama states come along when it is reused
+    assert torch.equal(fake.sample(nag(base, None), pos, neg, steps=1), out)
+
+
+def test_hidream_never_silently_off_when_a_block_bypasses_the_override() -> None:
+    base = fake.patcher("hidream")
+    block = base.model.diffusion_model.single_stream_blocks[1]
+    block.forward = lambda h, temb, pe, to: fake.HiDreamSingle.forward(block, h, temb, pe, {})
+    try:
+        with pytest.raises(glue.NAGNotApplied, match=r"HiDream's blocks \(1 of 4\) did not reach"):
+            fake.sample(nag(base, fake.hidream_text(3, length=7)), fake.hidream_text(1), None)
+    finally:
+        del block.forward
+    dm = base.model.diffusion_model
+    dm.forward = lambda x, t, context, transformer_options=None, **kw: torch.zeros_like(x)  # a cache reusing outputs
+    try:
+        with pytest.raises(glue.NAGNotApplied, match="never reached NAG's block patches"):  # judged per step
+            fake.sample(nag(base, fake.hidream_text(3, length=7)), fake.hidream_text(1), None, steps=1)
+    finally:
+        del dm.forward
+
+
+def test_flux2_text_positions_of_another_comfyui_are_refused() -> None:
+    """If the prompt's text rows in the RoPE table are not what NAG computes for position 0, 1, … (a ComfyUI that
+    numbers FLUX.2 text differently), NAG stops with an error instead of giving the negative wrong positions."""
+    base = fake.Patcher(fake.BaseModel(fake.FakeFlux2()))
+    dm = base.model.diffusion_model
+    dm.params.txt_ids_dims = [2]  # NAG now numbers the negative on axis 2; the model numbers its text on axis 3
+    with pytest.raises(glue.NAGNotApplied, match="FLUX text positions"):
+        fake.sample(nag(base, fake.text(3, length=7)), fake.text(1), None, steps=1)
