@@ -1,11 +1,11 @@
-"""Wan VACE (NAG on the main and the VACE control blocks' text cross-attention), WanVideoToVideoPipeline and the
-Wan Animate refusal; reference in tests/reference.py (two full attentions per guided layer, literal paper formula)."""
+"""Wan VACE (NAG on the main and the VACE control blocks' text cross-attention) and WanVideoToVideoPipeline (Wan
+Animate: tests/test_wananimate.py); reference in tests/reference.py (two full attentions per guided layer, literal
+paper formula)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import WanAnimateTransformer3DModel
 
 import nagkit
 from nagkit.adapters.wan import NAGWanAttnProcessor
@@ -130,40 +130,3 @@ def test_video_to_video_pipeline(tiny):
         assert (run() - plain).abs().max() > 1e-4 and guide.state.calls["guided"] >= 1
     torch.testing.assert_close(run(), plain, atol=0, rtol=0)
 
-
-def _animate(added_kv_proj_dim):
-    torch.manual_seed(0)
-    return WanAnimateTransformer3DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1, ffn_dim=16,
-                                        text_dim=16, freq_dim=16, image_dim=8, added_kv_proj_dim=added_kv_proj_dim,
-                                        motion_encoder_size=16, motion_style_dim=16, motion_dim=4,
-                                        motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 8},
-                                        motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
-                                        inject_face_latents_blocks=1, rope_max_seq_len=32).eval()
-
-
-def test_wan_animate_denoiser_matches_reference():
-    """Bare WanAnimateTransformer3DModel: NAG on attn2's text part; the CLIP image context (own K/V, as the published
-    model) is added after NAG, never negated."""
-    model, n_image = _animate(16), 5
-    g = torch.Generator().manual_seed(0)
-    kwargs = {"hidden_states": torch.randn(2, 36, 3, 4, 4, generator=g), "timestep": torch.tensor([900.0] * 2),
-              "encoder_hidden_states": torch.randn(2, 512, 16, generator=g),  # the processor splits at 512
-              "encoder_hidden_states_image": torch.randn(2, 5, 8, generator=g),
-              "pose_hidden_states": torch.randn(2, 16, 2, 4, 4, generator=g),
-              "face_pixel_values": torch.randn(2, 3, 9, 16, 16, generator=g)}
-    negative = {"encoder_hidden_states": torch.randn(2, 512, 16, generator=g)}
-    ref = reference_forward(model, kwargs, negative, S, TAU, A, n_image=n_image)[0]
-    with torch.no_grad():
-        plain = model(**kwargs)[0]
-    torch.testing.assert_close(_guided(model, kwargs, negative), ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(_guided(model, kwargs, negative, scale=1.0), plain, atol=0, rtol=0)
-    with torch.no_grad():
-        assert torch.equal(model(**kwargs)[0], plain)  # removed
-
-
-def test_wan_animate_pipeline_refused_clearly():
-    from diffusers import WanAnimatePipeline
-
-    pipe = WanAnimatePipeline.__new__(WanAnimatePipeline)  # no components needed to be refused
-    with pytest.raises(TypeError, match="WanAnimatePipeline.*supported pipelines"):
-        nagkit.apply(pipe, negative_prompt="x")

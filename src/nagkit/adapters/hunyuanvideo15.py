@@ -32,14 +32,17 @@ arguments ``prompt_embeds_2``, ``prompt_embeds_mask``, ``prompt_embeds_mask_2`` 
 HunyuanVideo 1.5 (``official=False``).
 
 ``nagkit bench`` counts the full model on the meta device: :func:`bench_model` answers the forward's data-dependent
-steps (``torch.all(image_embeds == 0)``, boolean-mask compaction) from masks marked with their valid prefix. The tiny
-pipeline :func:`tiny_hunyuanvideo15_pipeline` is used by the tests but not registered as a tiny model: the pipeline's
-``__call__`` takes no ``guidance_scale`` (CFG is its guider's setting), which the shared tiny-pipeline tests and the
-command line pass.
+steps (``torch.all(image_embeds == 0)``, boolean-mask compaction) from masks marked with their valid prefix.
+
+Tiny pipelines: ``tiny-hunyuanvideo15`` (text-to-video) and ``tiny-hunyuanvideo15-i2v`` (image-to-video, call it with
+``image=``). The pipelines' ``__call__`` takes no CFG scale: CFG is the setting of their ``guider``. The command line
+maps ``--cfg-scale`` to it through ``PipelineSpec.cfg_setter`` (:class:`GuiderCFG`: a copy of the guider with that
+scale for the call, the pipeline's own guider put back after).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +58,7 @@ from ..core.operator import nag_combine
 from ..core.state import Packing
 from ..kernels import joint as _joint
 from ..kernels.lse import attend, attention_with_lse_backend, merge_attention
-from .base import Adapter, NAGProcessor, PipelineSpec, register_adapter
+from .base import Adapter, NAGProcessor, PipelineSpec, TinyModel, register_adapter
 
 if TYPE_CHECKING:
     from ..bench.families import FamilySpec, Inputs
@@ -488,13 +491,47 @@ def tiny_hunyuanvideo15_pipeline(seed: int = 0) -> Any:
     ``AutoencoderKLHunyuanVideo15`` (factor 16 spatial, 4 temporal, 4 latent channels); transformer as
     :func:`tiny_hunyuanvideo15_transformer` with ``2·4 + 1`` input channels; CFG through a ``ClassifierFreeGuidance``
     guider (scale 4). The pipeline's instance settings are shrunk: a short system message, Qwen text padded to 24
-    tokens after its template, ByT5 to 16, 4 SigLIP tokens. Not registered as a tiny model (only the tests use it).
+    tokens after its template, ByT5 to 16, 4 SigLIP tokens. Registered as ``tiny-hunyuanvideo15``.
     """
-    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+    from diffusers import HunyuanVideo15Pipeline
+
+    from ..tiny.pipelines import _finish
+
+    parts = _tiny_parts(seed, task_type="t2v", target_size=64)
+    pipe = HunyuanVideo15Pipeline(**parts)
+    return _finish(_shrink(pipe))
+
+
+def tiny_hunyuanvideo15_i2v_pipeline(seed: int = 0) -> Any:
+    """A tiny random ``HunyuanVideo15ImageToVideoPipeline``, nothing downloaded.
+
+    As :func:`tiny_hunyuanvideo15_pipeline` (transformer ``task_type="i2v"``, ``target_size=32``: a square
+    condition image gives 32x32 videos) plus a SigLIP vision encoder (1 layer, width 8 = the transformer's
+    ``image_embed_dim``, 32x32 input, patch 16: 4 image tokens) and its image processor. Registered as
+    ``tiny-hunyuanvideo15-i2v``; call it with ``image=`` (e.g. ``nagkit.tiny.pipelines.tiny_condition_image()``).
+    """
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from ..tiny.pipelines import _finish
+
+    parts = _tiny_parts(seed, task_type="i2v", target_size=32)
+    torch.manual_seed(seed)
+    image_encoder = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+        patch_size=16)).eval()
+    feature_extractor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    pipe = HunyuanVideo15ImageToVideoPipeline(**parts, image_encoder=image_encoder,
+                                              feature_extractor=feature_extractor)
+    return _finish(_shrink(pipe))
+
+
+def _tiny_parts(seed: int, task_type: str, target_size: int) -> dict[str, Any]:
+    """Text encoders, tokenizers, VAE, transformer, scheduler and guider of the tiny HunyuanVideo 1.5 pipelines."""
+    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler
     from diffusers.guiders import ClassifierFreeGuidance
     from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
 
-    from ..tiny.pipelines import _finish
     from .qwenimage import tiny_qwen_tokenizer
 
     tokenizer = tiny_qwen_tokenizer()
@@ -515,16 +552,49 @@ def tiny_hunyuanvideo15_pipeline(seed: int = 0) -> Any:
     transformer = HunyuanVideo15Transformer3DModel(
         in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_refiner_layers=1,
         mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4),
-        target_size=64, task_type="t2v").eval()
-    pipe = HunyuanVideo15Pipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
-                                  scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=text_encoder_2,
-                                  tokenizer_2=tokenizer_2, guider=ClassifierFreeGuidance(guidance_scale=4.0))
+        target_size=target_size, task_type=task_type).eval()
+    return {"text_encoder": text_encoder, "tokenizer": tokenizer, "transformer": transformer, "vae": vae,
+            "scheduler": FlowMatchEulerDiscreteScheduler(), "text_encoder_2": text_encoder_2,
+            "tokenizer_2": tokenizer_2, "guider": ClassifierFreeGuidance(guidance_scale=4.0)}
+
+
+def _shrink(pipe: Any) -> Any:
+    """The pipeline's instance settings shrunk for the tiny encoders: a short system message (its template part
+    dropped from the embeddings), Qwen text padded to 24 tokens, ByT5 to 16, 4 SigLIP tokens in text-to-video."""
     pipe.system_message = "Describe the video."
-    prefix = tokenizer.apply_chat_template([{"role": "system", "content": pipe.system_message},
-                                            {"role": "user", "content": ""}], tokenize=True, return_dict=True)
+    prefix = pipe.tokenizer.apply_chat_template([{"role": "system", "content": pipe.system_message},
+                                                 {"role": "user", "content": ""}], tokenize=True, return_dict=True)
     pipe.prompt_template_encode_start_idx = len(prefix["input_ids"]) - 2  # drop the system part, keep the user's
     pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 24, 16, 4
-    return _finish(pipe)
+    return pipe
+
+
+# ------------------------------------------------------------------------------------------------ CFG setting
+@dataclass(frozen=True)
+class GuiderCFG:
+    """``PipelineSpec.cfg_setter`` of the HunyuanVideo 1.5 pipelines, whose CFG scale is their guider's setting.
+
+    ``GuiderCFG()(pipe, scale)`` replaces ``pipe.guider`` by a copy with ``guidance_scale=scale`` (``guider.new``:
+    a ``ClassifierFreeGuidance`` with the same settings otherwise) and returns ``(scale, restore)``; ``restore()``
+    puts the pipeline's own guider back. With ``scale=None`` nothing changes and the guider's own scale is returned
+    (None when the guider is disabled).
+    """
+
+    setting: str = "guider.guidance_scale"
+
+    def __call__(self, pipe: Any, scale: float | None) -> tuple[float | None, Any]:
+        guider = getattr(pipe, "guider", None)
+        if guider is None or not hasattr(guider, "guidance_scale") or not hasattr(guider, "new"):
+            raise TypeError(f"{type(pipe).__name__}.guider is {type(guider).__name__}: nagkit sets the CFG scale on "
+                            "a diffusers guider with guidance_scale (ClassifierFreeGuidance)")
+        if scale is None:
+            return (float(guider.guidance_scale) if guider._enabled else None), (lambda: None)
+        pipe.guider = guider.new(guidance_scale=float(scale))
+
+        def restore() -> None:
+            pipe.guider = guider
+
+        return float(scale), restore
 
 
 # ------------------------------------------------------------------------------------------------ registration
@@ -539,7 +609,8 @@ def _spec() -> PipelineSpec:
     return PipelineSpec(denoisers=("transformer",), mask_index=1, extras={TEXT_2: 2, MASK_2: 3},
                         count_arg="num_videos_per_prompt", overrides=dict(_OVERRIDES), preset="hunyuanvideo15",
                         encoders=("text_encoder", "text_encoder_2"), embeds_args=dict(_EMBEDS_ARGS),
-                        cfg_arg="", size_multiple=1)  # no CFG call argument: CFG is the pipeline's guider's setting
+                        cfg_arg="", size_multiple=1,  # no CFG call argument: CFG is the pipeline's guider's setting
+                        cfg_setter=GuiderCFG())  # the command line's --cfg-scale sets it for the call
 
 
 HUNYUANVIDEO15 = register_adapter(Adapter(
@@ -557,7 +628,12 @@ HUNYUANVIDEO15 = register_adapter(Adapter(
     block_forwards={HunyuanVideo15TransformerBlock: _block},
     pipelines={
         "HunyuanVideo15Pipeline": _spec(),
-        "HunyuanVideo15ImageToVideoPipeline": _spec(),
+        "HunyuanVideo15ImageToVideoPipeline": dataclasses.replace(_spec(), requires_image=True),
+    },
+    tiny={
+        "tiny-hunyuanvideo15": TinyModel(tiny_hunyuanvideo15_pipeline, {"height": 32, "width": 32, "num_frames": 5}),
+        # also needs ``image=`` (nagkit.tiny.pipelines.tiny_condition_image); the video size follows the image
+        "tiny-hunyuanvideo15-i2v": TinyModel(tiny_hunyuanvideo15_i2v_pipeline, {"num_frames": 5}),
     },
     # No published NAG values for HunyuanVideo 1.5: the FLUX.1 values (official Flux pipeline alpha 0.25, README
     # nag_scale 5, tau 2.5), chosen by analogy with FLUX.1 (also a flow-matching joint-attention MM-DiT).

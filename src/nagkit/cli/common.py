@@ -11,6 +11,9 @@ from collections.abc import Callable
 
 #: the model name of the embedded toy pipeline (the default model of ``nagkit generate``)
 EMBEDDED = "embedded"
+#: the embedded model's many-step teacher (``embedded`` is its few-step student, :mod:`nagkit.toy.distill`)
+EMBEDDED_TEACHER = "embedded-teacher"
+EMBEDDED_MODELS = (EMBEDDED, EMBEDDED_TEACHER)
 DTYPES = ("float32", "float16", "bfloat16")
 
 

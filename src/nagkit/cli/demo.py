@@ -1,4 +1,5 @@
-"""``nagkit demo``: the embedded model, no guidance / CFG / NAG at 1, 2, 4 and 8 steps, one titled image grid."""
+"""``nagkit demo``: the embedded few-step student, no guidance / CFG / NAG at 1, 2, 4 and 8 steps, one titled image
+grid."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         check_demo_outputs(args.out, args.json)
     except ValueError as err:
         raise CLIError(str(err)) from None
-    say("loading the embedded model ...", args.quiet)
+    say("loading the embedded model (the few-step student) ...", args.quiet)
     try:
         result = run_demo(args.out, prompt, negative, seeds=args.seeds, cfg_scale=cfg_scale,
                           nag_scale=args.nag_scale, nag_tau=args.nag_tau, nag_alpha=args.nag_alpha,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import EMBEDDED, CLIError, TruncationNotice, quiet_libraries, say
+from .common import EMBEDDED, EMBEDDED_MODELS, EMBEDDED_TEACHER, CLIError, TruncationNotice, quiet_libraries, say
 from .models import ModelInfo, describe, load_pipeline, vae_factors
 from .outputs import OutputPlan, check_out_syntax, check_video_writer, plan_outputs, write_outputs
 
@@ -119,11 +119,12 @@ class CallPlan:
     negative_source: str = ""
     outputs: OutputPlan | None = None
     builtin_image: bool = False
+    cfg_setter: Any = None
 
 
 def default_preset(info: ModelInfo, spec: Any) -> str:
     """The preset a model gets by default: ``embedded`` for the embedded model, else the pipeline's."""
-    return "embedded" if info.name == EMBEDDED else spec.preset
+    return "embedded" if info.name in EMBEDDED_MODELS else spec.preset
 
 
 def _signature(pipeline: str) -> dict[str, inspect.Parameter]:
@@ -177,7 +178,7 @@ def plan_call(info: ModelInfo, args: argparse.Namespace) -> CallPlan:
     plan = CallPlan(info=info, spec=spec, family=family, kind=kind)
     kw = plan.kwargs
     builtin_defaults: dict[str, Any] = {}
-    if info.name == EMBEDDED:
+    if info.name in EMBEDDED_MODELS:
         from ..toy.model import EMBEDDED_CALL_KWARGS
 
         builtin_defaults = dict(EMBEDDED_CALL_KWARGS)
@@ -189,6 +190,13 @@ def plan_call(info: ModelInfo, args: argparse.Namespace) -> CallPlan:
     def takes(name: str, option: str) -> None:
         if name not in params:
             raise CLIError(f"{option} is not an option of {info.pipeline}")
+
+    # required call inputs the command line cannot give (WanAnimatePipeline's pose and face videos)
+    required = [n for n, p in params.items() if n not in ("self", "prompt", "image") and p.default is p.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if required:
+        raise CLIError(f"{info.pipeline} needs {', '.join(required)}, which nagkit generate cannot give; use the "
+                       "Python API (nagkit.apply(pipe, negative_prompt=...), then call the pipeline)")
 
     # sizes: multiples the pipeline accepts as given (it would raise, or silently round them)
     spatial, temporal = vae_factors(info.config("vae"))
@@ -230,6 +238,9 @@ def plan_call(info: ModelInfo, args: argparse.Namespace) -> CallPlan:
         cfg_arg = spec.cfg_arg or None
     if info.index.get("is_distilled"):  # e.g. a step-distilled FLUX.2 Klein: its pipeline never runs CFG
         cfg_arg = None
+    elif cfg_arg is None and spec.cfg_setter is not None:  # a pipeline setting (HunyuanVideo 1.5's guider)
+        plan.cfg_setter = spec.cfg_setter
+        cfg_arg = getattr(spec.cfg_setter, "setting", "the pipeline's CFG setting")
     true_cfg = cfg_arg == "true_cfg_scale"
     guidance_embeds = bool((info.config("transformer") or {}).get("guidance_embeds", False))
     distilled_guidance = "guidance_scale" in params and cfg_arg != "guidance_scale" and guidance_embeds
@@ -252,6 +263,8 @@ def plan_call(info: ModelInfo, args: argparse.Namespace) -> CallPlan:
         takes("negative_prompt", "--cfg-negative")
     cfg_scale = None if cfg_arg is None else (
         args.cfg_scale if args.cfg_scale is not None else builtin_defaults.get(cfg_arg, _default(params, cfg_arg)))
+    if plan.cfg_setter is not None and args.cfg_scale is None:  # the pipeline's own setting (built-in: known now)
+        cfg_scale = plan.cfg_setter(info.pipe, None)[0] if info.pipe is not None else None
     cfg_on = cfg_scale is not None and cfg_scale > spec.cfg_min
     if true_cfg and args.cfg_negative is None and args.cfg_scale is None:
         cfg_on = False  # FLUX/Qwen-style pipelines run true CFG only with a negative: none given, none run
@@ -261,7 +274,7 @@ def plan_call(info: ModelInfo, args: argparse.Namespace) -> CallPlan:
     if args.cfg_negative is not None and not cfg_on:
         raise CLIError(f"--cfg-negative has no effect without CFG: {info.pipeline} runs it with {cfg_arg} > "
                        f"{spec.cfg_min:g} (add --cfg-scale, e.g. 4)")
-    if cfg_arg is not None and args.cfg_scale is not None:
+    if cfg_arg is not None and args.cfg_scale is not None and plan.cfg_setter is None:
         kw[cfg_arg] = args.cfg_scale
     if cfg_on:
         cfg_negative = args.cfg_negative
@@ -359,7 +372,7 @@ def cmd_generate(args: argparse.Namespace, given: set[str] | None = None) -> int
         load_sidecar(args, given or set())
     split_model_prompt(args)
     if args.steps is None:
-        args.steps = 8 if args.model == EMBEDDED else 4
+        args.steps = 8 if args.model == EMBEDDED_TEACHER else 4  # the embedded student: 4
     check_arguments(args)
     quiet_libraries()
     say(f"reading {args.model} ...", args.quiet)
@@ -403,6 +416,12 @@ def cmd_generate(args: argparse.Namespace, given: set[str] | None = None) -> int
         f"{c.mode}; negative: {plan.negative!r}", args.quiet)
     notice = TruncationNotice({"the prompt": args.prompt, "the NAG negative": plan.negative,
                                "the CFG negative": (plan.cfg or {}).get("negative") or ""}, _count_tokens(pipe))
+    restore_cfg = None
+    if plan.cfg_setter is not None:  # the CFG scale is a pipeline setting: set for this call, restored after
+        value, restore_cfg = plan.cfg_setter(pipe, args.cfg_scale)
+        if plan.cfg is None and value is not None and value > plan.spec.cfg_min:  # a loaded model's own setting
+            plan.cfg_value, plan.cfg = value, {"argument": getattr(plan.cfg_setter, "setting", None),
+                                               "scale": value, "negative": kwargs.get("negative_prompt")}
     handlers = diffusers.utils.logging.get_logger("diffusers").handlers or []
     for handler in handlers:
         handler.addFilter(notice)
@@ -412,6 +431,8 @@ def cmd_generate(args: argparse.Namespace, given: set[str] | None = None) -> int
         for handler in handlers:
             handler.removeFilter(notice)
         guide.remove()
+        if restore_cfg is not None:
+            restore_cfg()
     written = write_outputs(result, plan.outputs, args.fps)
     first = written[0]
     produced = {"width": first["width"], "height": first["height"], "frames": first.get("frames"),

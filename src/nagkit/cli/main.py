@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "elsewhere); --guidance is the pipeline's guidance_scale (FLUX.1-dev: the distilled guidance "
                     "embedding).")
     gen.add_argument("words", nargs="*", metavar="[MODEL] PROMPT",
-                     help="optional model (hub id, local pipeline folder, 'embedded' or a built-in tiny model: "
+                     help="optional model (hub id, local pipeline folder, 'embedded' (the few-step student), "
+                          "'embedded-teacher' or a built-in tiny model: "
                           "tiny-sdxl, tiny-flux, ...; default: the embedded model), then the prompt")
     gen.add_argument("--from", dest="from_", default=None, metavar="SIDECAR",
                      help="replay the settings of a sidecar JSON written by nagkit generate (options given here "
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--nag-norm", default=None, choices=("l1", "l2"), help="norm of the cap (default by mode)")
     gen.add_argument("--start", type=float, default=None, help="schedule position where NAG starts (0..1)")
     gen.add_argument("--end", type=float, default=None, help="schedule position where NAG ends (0..1, = nag_end)")
-    gen.add_argument("--steps", type=int, default=None, help="sampling steps (default 4; embedded model: 8)")
+    gen.add_argument("--steps", type=int, default=None, help="sampling steps (default 4; embedded-teacher: 8)")
     gen.add_argument("--guidance", type=float, default=None,
                      help="the pipeline's guidance_scale (FLUX.1-dev: distilled guidance; elsewhere = --cfg-scale)")
     gen.add_argument("--seed", type=int, default=0)
@@ -119,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "time on reduced models")
     bench.add_argument("--quality", action="store_true",
                        help="quality benchmark on the embedded model instead of cost: negative-attribute rate, "
-                            "prompt fidelity, artifacts for none / CFG / NAG (fast and official) at 1-25 steps "
-                            "(about 15 min on 2 cores); --markdown docs/quality.md")
-    bench.add_argument("--seeds", type=int, default=32, help="quality: seeds per (pair, method, steps)")
+                            "prompt fidelity, artifacts for none / CFG / NAG (fast and official) / VSF / NASA on the "
+                            "few-step student (1-4 steps) and its teacher (8, 25) (about 5 min on 2 cores); "
+                            "--markdown docs/quality.md")
+    bench.add_argument("--seeds", type=int, default=64, help="quality: seeds per (pair, method, steps)")
     bench.add_argument("--mode", default="flops", choices=("flops", "time"),
                        help="flops: exact counts on the meta device (default); time: wall time and peak memory per "
                             "denoiser call on reduced configs with random weights (about 5 min on 2 CPU cores)")

@@ -16,22 +16,22 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .common import EMBEDDED, CLIError
+from .common import EMBEDDED, EMBEDDED_MODELS, CLIError
 
 #: seconds to wait for the hub's TCP handshake before calling it unreachable
 HUB_PROBE_TIMEOUT = 3.0
 
 
 def builtin_models() -> list[str]:
-    """``embedded`` and the tiny models' names (``nagkit.adapters.base.TINY_MODELS``)."""
+    """``embedded``, the tiny models' names (``nagkit.adapters.base.TINY_MODELS``) and ``embedded-teacher``."""
     from ..adapters.base import TINY_MODELS
 
-    return [EMBEDDED, *TINY_MODELS]
+    return [EMBEDDED, *TINY_MODELS, *EMBEDDED_MODELS[1:]]
 
 
 def is_builtin(model: str) -> bool:
     """Whether ``model`` names a model built into nagkit (nothing to download)."""
-    return model == EMBEDDED or model.startswith("tiny-") and model in builtin_models()
+    return model in EMBEDDED_MODELS or model.startswith("tiny-") and model in builtin_models()
 
 
 @dataclass
@@ -146,11 +146,11 @@ def _builtin_index(pipe: Any) -> dict[str, Any]:
 
 def build_builtin(model: str) -> Any:
     """Build a built-in model's pipeline (CPU, float32)."""
-    if model == EMBEDDED:
-        from ..toy.model import load_embedded_pipeline
+    if model in EMBEDDED_MODELS:
+        from ..toy.model import load_embedded_pipeline, load_student_pipeline
 
-        try:
-            return load_embedded_pipeline()
+        try:  # ``embedded``: the few-step student (4 steps, no CFG); ``embedded-teacher``: the many-step teacher
+            return load_student_pipeline() if model == EMBEDDED else load_embedded_pipeline()
         except FileNotFoundError as err:
             raise CLIError(str(err)) from None
     from ..adapters.base import TINY_MODELS
@@ -247,5 +247,11 @@ def vae_factors(vae: dict[str, Any] | None) -> tuple[int, int]:
     if "temperal_downsample" in vae:  # AutoencoderKLWan
         down = list(vae["temperal_downsample"])
         return 2 ** len(down), 2 ** sum(bool(d) for d in down)
+    if "spatio_temporal_scaling" in vae:  # AutoencoderKLLTXVideo / AutoencoderKLLTX2Video
+        scaled = 2 ** sum(bool(s) for s in vae["spatio_temporal_scaling"])
+        return (vae.get("spatial_compression_ratio") or vae.get("patch_size", 1) * scaled,
+                vae.get("temporal_compression_ratio") or vae.get("patch_size_t", 1) * scaled)
+    if vae.get("spatial_compression_ratio") and vae.get("temporal_compression_ratio"):  # HunyuanVideo (1.5)
+        return int(vae["spatial_compression_ratio"]), int(vae["temporal_compression_ratio"])
     blocks = vae.get("encoder_block_out_channels") or vae.get("block_out_channels")
     return (2 ** (len(blocks) - 1) if blocks else 8), 1

@@ -1,6 +1,7 @@
 """Toy text-to-image world for offline NAG experiments: procedural scenes with captions (:mod:`nagkit.toy.data`), a
-deterministic pixel-rule judge that reads them back (:mod:`nagkit.toy.judge`) and the embedded model trained on them
-(:mod:`nagkit.toy.model`).
+deterministic pixel-rule judge that reads them back (:mod:`nagkit.toy.judge`), the embedded model trained on them
+(:mod:`nagkit.toy.model`, :mod:`nagkit.toy.train`) and its few-step student (:mod:`nagkit.toy.distill`; the default
+``embedded`` model of the command line, the many-step teacher being ``embedded-teacher``).
 
 Importing this package registers the embedded model's NAG preset, ``"embedded"``.
 """

@@ -1,5 +1,8 @@
 """``nagkit demo``: negative prompting on the embedded model, no download — one PNG grid and the judge's numbers.
 
+The model is the embedded few-step student (``embedded``, :func:`nagkit.toy.model.load_student_pipeline`, distilled
+by :mod:`nagkit.toy.distill`: sampled without CFG, as FLUX.1-schnell is), the setting NAG was made for.
+
 Rows: no guidance, CFG with the negative (``true_cfg_scale``), NAG (the ``embedded`` preset); columns: 1, 2, 4 and 8
 sampling steps. Every cell is generated for the same seeds; the grid shows the first four, the numbers use all. A
 title band above the grid states the prompt, the negative, each row's settings and the seeds shown.
@@ -148,7 +151,7 @@ def demo_title(
     origin = "'embedded' preset" if not changed else f"'embedded' preset with {', '.join(changed)} changed"
     shown = min(seeds, _TILES * _TILES)
     return "\n".join([
-        f'nagkit demo: prompt "{prompt}", negative "{negative}"',
+        f'nagkit demo (embedded few-step student): prompt "{prompt}", negative "{negative}"',
         "rows: none = no guidance (negative ignored) | "
         f"CFG = true_cfg_scale {cfg_scale:g} with the negative | "
         f"NAG = scale {nag.scale:g}, tau {nag.tau:g}, alpha {nag.alpha:g}, {nag.mode} mode ({origin})",
@@ -183,7 +186,7 @@ def run_demo(
         seeds: Images per cell (seeds ``0 .. seeds-1``).
         cfg_scale: CFG row's ``true_cfg_scale``.
         nag_scale: NAG row's scale (default: the ``embedded`` preset's).
-        pipe: An already loaded embedded pipeline (default: load it).
+        pipe: An already loaded embedded pipeline (default: load the few-step student).
         nag_tau: NAG row's ``tau`` (default: the ``embedded`` preset's).
         nag_alpha: NAG row's ``alpha`` (default: the ``embedded`` preset's).
         progress: Progress over the generation work, one tick per generated cell (a row's batch of ``seeds`` images
@@ -204,10 +207,10 @@ def run_demo(
     check_demo_outputs(out)
     methods = demo_methods(cfg_scale, nag_scale, nag_tau, nag_alpha)
     title = demo_title(prompt, negative, steps, seeds, cfg_scale, nag_scale, nag_tau, nag_alpha)
-    from nagkit.toy.model import load_embedded_pipeline
+    from nagkit.toy.model import load_student_pipeline
 
     started = time.perf_counter()
-    pipe = load_embedded_pipeline() if pipe is None else pipe
+    pipe = load_student_pipeline() if pipe is None else pipe
     seed_list = list(range(seeds))
     total = len(methods) * len(steps)
     bar = None

@@ -1,9 +1,10 @@
 """Generate with the embedded model under a guidance method and score the images with the judge.
 
 A :class:`Method` is one way of using a negative prompt: ``none`` (the negative is ignored), ``cfg`` (true
-classifier-free guidance, ``negative_prompt`` + ``true_cfg_scale``) or ``nag`` (``nagkit.apply`` with the negative as
-NAG negative). :func:`generate` runs a batch of seeds (one ``torch.Generator`` per seed, so an image depends only on
-its seed); :func:`score` reads each image with :func:`nagkit.toy.judge.judge` and reports:
+classifier-free guidance, ``negative_prompt`` + ``true_cfg_scale``), ``nag`` (``nagkit.apply`` with the negative as
+NAG negative), or the experimental attention-space competitors ``vsf`` (Value Sign Flip) and ``nasa`` (NASA), both
+through ``nagkit.apply(..., method=...)``. :func:`generate` runs a batch of seeds (one ``torch.Generator`` per seed,
+so an image depends only on its seed); :func:`score` reads each image with :func:`nagkit.toy.judge.judge` and reports:
 
 * ``negative_rate``: fraction of images showing the negative attribute (:func:`negative_present`);
 * ``fidelity``: fraction satisfying everything the prompt says (:func:`nagkit.toy.judge.satisfies`);
@@ -34,7 +35,12 @@ __all__ = [
     "negative_present",
     "parse_negative",
     "score",
+    "score_counts",
+    "wilson",
 ]
+
+#: Method kinds. ``vsf`` / ``nasa`` go through ``nagkit.apply(..., method=kind)`` (``NAGConfig.method``).
+METHOD_KINDS = ("none", "cfg", "nag", "vsf", "nasa")
 
 
 @dataclass(frozen=True)
@@ -42,11 +48,12 @@ class Method:
     """A way of using the negative prompt.
 
     Attributes:
-        kind: ``"none"``, ``"cfg"`` or ``"nag"``.
-        scale: CFG ``true_cfg_scale`` or NAG ``scale`` (ignored for ``none``).
+        kind: ``"none"``, ``"cfg"``, ``"nag"``, ``"vsf"`` or ``"nasa"``.
+        scale: CFG ``true_cfg_scale``, NAG ``scale``, VSF β or NASA φ (ignored for ``none``).
         tau: NAG ``tau`` (``None``: the preset's).
         alpha: NAG ``alpha`` (``None``: the preset's).
         mode: NAG mode, ``"fast"`` or ``"official"``.
+        offset: VSF only: the logit offset on the negative's keys (``None``: the method's default).
     """
 
     kind: str
@@ -54,10 +61,11 @@ class Method:
     tau: float | None = None
     alpha: float | None = None
     mode: str = "fast"
+    offset: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("none", "cfg", "nag"):
-            raise ValueError(f"Method.kind must be 'none', 'cfg' or 'nag', got {self.kind!r}")
+        if self.kind not in METHOD_KINDS:
+            raise ValueError(f"Method.kind must be one of {', '.join(METHOD_KINDS)}, got {self.kind!r}")
 
     @property
     def label(self) -> str:
@@ -66,6 +74,10 @@ class Method:
             return "none"
         if self.kind == "cfg":
             return f"CFG {self.scale:g}"
+        if self.kind == "vsf":
+            return f"VSF β{self.scale:g}" + ("" if self.offset is None else f" o{self.offset:g}")
+        if self.kind == "nasa":
+            return f"NASA φ{self.scale:g}"
         extra = "" if self.tau is None and self.alpha is None else f" τ{self.tau:g} α{self.alpha:g}"
         return f"NAG {self.scale:g}{extra} ({self.mode})"
 
@@ -94,6 +106,10 @@ def generate(
         return pipe(prompt, negative_prompt=negative, true_cfg_scale=method.scale, **kwargs).images
     if method.kind == "none":
         return pipe(prompt, **kwargs).images
+    if method.kind in ("vsf", "nasa"):
+        extra = {} if method.offset is None else {"offset": method.offset}
+        with apply(pipe, negative_prompt=negative, method=method.kind, scale=method.scale, **extra):
+            return pipe(prompt, **kwargs).images
     options = {"scale": method.scale, "mode": method.mode}
     options.update({k: v for k, v in (("tau", method.tau), ("alpha", method.alpha)) if v is not None})
     with apply(pipe, negative_prompt=negative, **options):
@@ -200,6 +216,54 @@ def score(images: Sequence[Image.Image], prompt: str, negative: str) -> dict[str
         "negative_rate": sum(negative_present(v, spec) for v in verdicts) / n,
         "fidelity": sum(satisfies(v, prompt) for v in verdicts) / n,
         "off_palette": float(np.mean([v.off_palette for v in verdicts])),
+        "confidence": float(np.mean([v.confidence for v in verdicts])),
+    }
+
+
+def wilson(k: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95 % by default).
+
+    Args:
+        k: Successes.
+        n: Trials (``0`` gives ``(0, 1)``).
+        z: Normal quantile.
+
+    Returns:
+        ``(low, high)``.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if k <= 0 else float(max(0.0, centre - half))
+    high = 1.0 if k >= n else float(min(1.0, centre + half))
+    return low, high
+
+
+def score_counts(images: Sequence[Image.Image], prompt: str, negative: str) -> dict[str, Any]:
+    """:func:`score` with counts and 95 % intervals: what the quality report needs.
+
+    Args:
+        images: Generated images.
+        prompt: The prompt (toy grammar).
+        negative: The negative prompt.
+
+    Returns:
+        ``{"n", "negative", "fidelity", "single_shape"}`` (counts of images showing the negative, satisfying the prompt,
+        showing exactly one shape), ``"off_palette"`` (mean fraction of off-palette pixels), ``"off_palette_sd"``
+        (its standard deviation over images) and ``"confidence"`` (mean).
+    """
+    spec = parse_negative(negative)
+    verdicts = [judge(im, kinds=TRAIN_KINDS) for im in images]
+    off = np.asarray([v.off_palette for v in verdicts], np.float64)
+    return {
+        "n": len(verdicts),
+        "negative": int(sum(negative_present(v, spec) for v in verdicts)),
+        "fidelity": int(sum(satisfies(v, prompt) for v in verdicts)),
+        "single_shape": int(sum(len(v.shapes) == 1 for v in verdicts)),
+        "off_palette": float(off.mean()),
+        "off_palette_sd": float(off.std(ddof=1)) if len(off) > 1 else 0.0,
         "confidence": float(np.mean([v.confidence for v in verdicts])),
     }
 

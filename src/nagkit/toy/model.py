@@ -19,6 +19,9 @@ shape kinds in its 45-minute budget: sampling committed to a noise-shaped blob i
 network denoised real noisy shapes well. In latent space a decoder draws the shape and the transformer only chooses
 it: in the same one-kind-at-a-time test (one large shape, 400 steps) the right kind went from 5 of 48 to 45 of 48.
 
+The few-step student (:func:`load_student_pipeline`, :data:`STUDENT_CALL_KWARGS`: 4 steps, no CFG) is this pipeline
+with another transformer, distilled from this one by :mod:`nagkit.toy.distill` (shipped in float16, 4.4 MiB).
+
 The pipeline must be called with :data:`EMBEDDED_CALL_KWARGS` (32×32, ``max_sequence_length=24``: the T5 sequence
 length the model was trained with; the Flux default 512 would show it 488 unseen padding tokens).
 """
@@ -39,6 +42,9 @@ from nagkit.toy.data import VOCAB
 __all__ = [
     "EMBEDDED_CALL_KWARGS",
     "EMBEDDED_WEIGHTS",
+    "STUDENT_CALL_KWARGS",
+    "STUDENT_RECORD",
+    "STUDENT_WEIGHTS",
     "IMAGE_SIZE",
     "TEXT_LENGTH",
     "TRAIN_KINDS",
@@ -46,6 +52,8 @@ __all__ = [
     "build_toy_pipeline",
     "embedded_info",
     "load_embedded_pipeline",
+    "load_student_pipeline",
+    "student_info",
     "pack_images",
     "toy_autoencoder",
     "toy_tokenizers",
@@ -67,6 +75,17 @@ EMBEDDED_CALL_KWARGS: dict[str, Any] = {
 #: Package resource names of the trained weights and their training record.
 EMBEDDED_WEIGHTS = "embedded.safetensors"
 EMBEDDED_RECORD = "embedded.json"
+#: Package resource names of the few-step student's transformer weights (float16) and its training record
+#: (:mod:`nagkit.toy.distill`); the student shares the teacher's text encoders and autoencoder.
+STUDENT_WEIGHTS = "student.safetensors"
+STUDENT_RECORD = "student.json"
+#: Keyword arguments every call of the student needs: 4 steps, no CFG (schnell-like).
+STUDENT_CALL_KWARGS: dict[str, Any] = {
+    "height": IMAGE_SIZE,
+    "width": IMAGE_SIZE,
+    "max_sequence_length": TEXT_LENGTH,
+    "num_inference_steps": 4,
+}
 
 #: Latent channels of the autoencoder (the transformer sees 2×2 patches of them: 16 values per token).
 LATENT_CHANNELS = 4
@@ -269,3 +288,44 @@ def load_embedded_pipeline() -> FluxPipeline:
             "`python -m nagkit.toy.train` or reinstall nagkit"
         )
     return build_toy_pipeline(path)
+
+
+def student_info() -> dict[str, Any]:
+    """The few-step student's training record shipped next to its weights (pairs, steps, times, losses).
+
+    Returns:
+        The record, or ``{}`` if none is shipped.
+    """
+    path = _resource(STUDENT_RECORD)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_student_pipeline(weights: str | Path | None = None) -> FluxPipeline:
+    """Load the embedded few-step student (:mod:`nagkit.toy.distill`): the teacher's pipeline with the student's
+    transformer. Call it with :data:`STUDENT_CALL_KWARGS` (4 steps; 1 and 2 work too), without CFG.
+
+    Args:
+        weights: A ``student.safetensors`` file (keys ``transformer.*``); default the one shipped in the package.
+
+    Returns:
+        The ``FluxPipeline`` on CPU in float32.
+
+    Raises:
+        FileNotFoundError: If the student's or the teacher's weights are missing.
+        ValueError: If the file does not match the transformer.
+    """
+    path = Path(weights) if weights is not None else _resource(STUDENT_WEIGHTS)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the embedded student's weights ({path}) are missing from this installation; distil them with "
+            "`python -m nagkit.toy.distill --install` or reinstall nagkit"
+        )
+    from safetensors.torch import load_file
+
+    pipe = load_embedded_pipeline()
+    state = {k.split(".", 1)[1]: v.float() for k, v in load_file(str(path)).items() if k.startswith("transformer.")}
+    missing, unexpected = pipe.transformer.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"student weights {path} do not match the embedded transformer: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return pipe
