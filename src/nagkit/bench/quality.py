@@ -700,9 +700,11 @@ def write_quality_markdown(report: dict[str, Any], path: str | Path) -> tuple[Pa
         "passes; outside the student's training regime); NAG uses the negative as NAG negative, no CFG: `NAG 8 τ5 α1` "
         "is the `embedded` preset, `NAG 5` the Flux preset (τ 2.5, α 0.25), the other NAG rows vary one of scale/τ/α "
         "around the `embedded` preset; VSF (Value Sign Flip, arXiv 2508.10931) and NASA (arXiv 2412.02687) are "
-        "`nagkit.apply(..., method=\"vsf\"|\"nasa\")` (experimental), β / φ as labelled. The full set runs on the "
-        "student; the teacher's columns run one reference setting per family (none, CFG 4, the `embedded` NAG preset, "
-        "VSF and NASA at their defaults): `–` marks the cells not run.",
+        "`nagkit.apply(..., method=\"vsf\"|\"nasa\")` (experimental), β / φ as labelled. "
+        + ("Every method runs on the student and on the teacher, in the same run."
+           if {m.label for m in QUALITY_METHODS} <= set(QUALITY_TEACHER_METHODS) else
+           "The full set runs on the student; the teacher's columns run the settings in `QUALITY_TEACHER_METHODS`: "
+           "`–` marks the cells not run."),
         "",
     ]
     if report.get("skipped_methods"):
