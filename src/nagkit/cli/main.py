@@ -1,4 +1,4 @@
-"""``nagkit`` command line: ``demo``, ``generate``, ``info`` and ``bench``.
+"""``nagkit`` command line: ``demo``, ``generate``, ``batch``, ``info`` and ``bench``.
 
 Examples::
 
@@ -110,6 +110,48 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     gen.set_defaults(func=_lazy("generate", "cmd_generate"))
+
+    batch = sub.add_parser(
+        "batch", help="many prompts/settings from a file: batched calls, one resumable JSONL manifest; "
+                      "data-parallel under `accelerate launch -m nagkit batch`",
+        description="Generate every row of a prompt file (text: one prompt per line; JSONL or CSV: fields prompt, "
+                    "negative, cfg_negative, cfg_scale, guidance, seed, steps, nag_scale, nag_tau, nag_alpha, "
+                    "preset, mode, nag_norm, start, end, height, width (or size WxH), frames). Options set every "
+                    "row's defaults; numeric options take sweeps (--nag-scale 3,5,8 --seeds 0-3) over the fields a "
+                    "row does not set. Rows are checked as nagkit generate checks them (a bad row is reported in "
+                    "the manifest, the rest runs); rows with the same settings share a pipeline call; a rerun "
+                    "skips the rows already in the manifest.")
+    batch.add_argument("rows", metavar="FILE", help="prompt file: .txt (one prompt per line), .jsonl or .csv")
+    batch.add_argument("--model", default="embedded",
+                       help="model of every row (hub id, local pipeline folder, 'embedded', a tiny-* model)")
+    batch.add_argument("--out", default="nagkit_batch", help="output folder (default: nagkit_batch/)")
+    batch.add_argument("--manifest", default=None, help="JSONL manifest (default: OUT/manifest.jsonl)")
+    batch.add_argument("--negative", default=None, help="default NAG negative prompt")
+    batch.add_argument("--cfg-negative", default=None, help="default CFG negative_prompt")
+    batch.add_argument("--seeds", default=None, help="seed sweep, e.g. 0-3 or 0,5,9 (default 0)")
+    for option, what in (("--steps", "sampling steps"), ("--nag-scale", "nag_scale"), ("--nag-tau", "tau"),
+                         ("--nag-alpha", "alpha"), ("--start", "NAG start"), ("--end", "NAG end"),
+                         ("--cfg-scale", "CFG scale"), ("--guidance", "guidance_scale"), ("--height", "height"),
+                         ("--width", "width"), ("--frames", "video frames")):
+        batch.add_argument(option, default=None, help=f"{what}: a value or a comma-separated sweep")
+    batch.add_argument("--preset", default=None, help="preset name (default: the model family's)")
+    batch.add_argument("--mode", default=None, choices=("fast", "official"))
+    batch.add_argument("--nag-norm", default=None, choices=("l1", "l2"))
+    batch.add_argument("--batch-size", type=int, default=8, help="rows per pipeline call at most (default 8)")
+    batch.add_argument("--format", default=None, choices=("png", "jpg", "webp", "mp4", "webm", "gif"),
+                       help="output format (default: png, videos mp4)")
+    batch.add_argument("--retry-failed", action="store_true", help="run rows the manifest records as failed again")
+    batch.add_argument("--device", default=None, help="cuda, cpu, mps (default: the process's accelerate device)")
+    batch.add_argument("--dtype", default="float32", choices=DTYPES)
+    batch.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    batch.add_argument("--ray", action="store_true",
+                       help="run on a Ray cluster (RAY_ADDRESS or --ray-address; else a local one): one pipeline "
+                            "actor per GPU")
+    batch.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    batch.add_argument("--ray-workers", type=int, default=None,
+                       help="Ray actors (default: one per GPU of the cluster, 1 without GPUs)")
+    batch.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # debug: a crash after N rows
+    batch.set_defaults(func=_lazy("batch", "cmd_batch"))
 
     info = sub.add_parser("info", help="does NAG support this model, and how")
     info.add_argument("model", help="hub id, local pipeline folder, 'embedded' or a built-in tiny model")
