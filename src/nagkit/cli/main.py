@@ -1,4 +1,4 @@
-"""``nagkit`` command line: ``demo``, ``generate``, ``batch``, ``info`` and ``bench``.
+"""``nagkit`` command line: ``demo``, ``generate``, ``batch``, ``ui``, ``info`` and ``bench``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     nagkit generate black-forest-labs/FLUX.1-schnell "a corgi" --negative "blurry" --steps 4
     nagkit generate tiny-sdxl "a red cat" --negative "blurry" --out out/cat.png      # offline, built-in tiny model
     nagkit generate --from out/cat.json --nag-scale 5 --out out/cat5.png            # replay a sidecar, one change
+    nagkit ui                                                               # web page: without / with NAG
     nagkit info Wan-AI/Wan2.1-T2V-1.3B-Diffusers
 
 Parsing the command line and its argument errors import neither torch nor diffusers (each command's module is
@@ -152,6 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray actors (default: one per GPU of the cluster, 1 without GPUs)")
     batch.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # debug: a crash after N rows
     batch.set_defaults(func=_lazy("batch", "cmd_batch"))
+
+    ui = sub.add_parser(
+        "ui", help="web page (gradio) comparing the same seed without and with NAG (needs nagkit[ui])",
+        description="Serve a gradio page: model, prompt, NAG negative, CFG negative, NAG scale/tau/alpha/start/end "
+                    "(the family preset filled in), steps, seed; Generate shows the image without and with NAG "
+                    "side by side (same seed), the seconds of each and the FLOP overhead of NAG. Offline on the "
+                    "embedded model. Needs gradio: pip install \"nagkit[ui]\".")
+    ui.add_argument("--model", default="embedded",
+                    help="model the page starts with (default: embedded; a hub id, local pipeline folder, tiny-*)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; 0.0.0.0: all)")
+    ui.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
+    ui.add_argument("--share", action="store_true", help="also a public gradio.live link")
+    ui.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available)")
+    ui.add_argument("--dtype", default="float32", choices=DTYPES)
+    ui.set_defaults(func=_lazy("ui", "cmd_ui"))
 
     info = sub.add_parser("info", help="does NAG support this model, and how")
     info.add_argument("model", help="hub id, local pipeline folder, 'embedded' or a built-in tiny model")
