@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,37 @@ def test_ray_actors_split_without_duplicates_or_losses(tmp_path, capsys):
         assert len(records(out / "manifest.jsonl")) == 20 and "0 done, 0 failed, 20 skipped" in capsys.readouterr().err
     finally:
         ray.shutdown()
+
+
+def test_killed_run_loses_at_most_the_call_in_flight(tmp_path):
+    """SIGKILL mid-run (no clean exit), then a rerun: every row done once, the first run's files untouched."""
+    rows = tmp_path / "rows.txt"
+    rows.write_text("".join(f"a shape number {i}\n" for i in range(12)))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "nagkit", "batch", str(rows), "--model", "embedded-teacher", "--steps", "30",
+               "--batch-size", "1", "--out", str(out), "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest = out / "manifest.jsonl"
+    try:
+        deadline = 240.0
+        started = time.monotonic()
+        while time.monotonic() - started < deadline:
+            if manifest.is_file() and len(manifest.read_text().splitlines()) >= 2:
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = {r["key"]: r for r in records(manifest)}
+    assert 2 <= len(first) < 12, f"the run was not killed mid-way ({len(first)} rows done)"
+    stamps = {key: (out / Path(r["file"]).name).stat().st_mtime_ns for key, r in first.items()}
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    final = records(manifest)
+    assert len(final) == 12 and len({r["key"] for r in final}) == 12
+    assert all(r["status"] == "done" for r in final)
+    assert {key: (out / Path(first[key]["file"]).name).stat().st_mtime_ns for key in first} == stamps
